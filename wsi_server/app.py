@@ -1,0 +1,319 @@
+"""The ASGI application, built by ``create_app(settings)``: no module-level state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from wsi_server import codecs
+from wsi_server.cache import MemoryCache, NullCache, TileCache
+from wsi_server.errors import BadRequest, SlideNotFound, WsiServerError, error_body
+from wsi_server.geometry import GeometryParams, dzi_xml
+from wsi_server.library import Library, SlideEntry
+from wsi_server.metrics import Metrics
+from wsi_server.pool import ReaderPool
+from wsi_server.readers import ReaderRegistry, default_registry
+from wsi_server.settings import Settings
+from wsi_server.tiles import GeometryKind, TileService
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TILE = re.compile(r"^(\d{1,9})_(\d{1,9})\.([a-z]{1,8})$")
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "public, no-cache"
+PRIVATE = "private, max-age=300"
+
+
+def build_cache(settings: Settings) -> TileCache:
+    """The tile cache the settings ask for (Redis tiers plug in here)."""
+    if settings.redis_url:
+        from wsi_server.cache.redis import build_tiered_cache  # issue: Redis tier
+
+        return build_tiered_cache(settings)
+    if settings.cache_size > 0:
+        return MemoryCache(settings.cache_size * 2**20)
+    return NullCache()
+
+
+def _error_response(exc: WsiServerError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.status)
+
+
+def slide_summary(entry: SlideEntry) -> dict[str, Any]:
+    meta = entry.metadata
+    out: dict[str, Any] = {
+        "id": entry.id,
+        "name": entry.name,
+        "status": entry.status,
+        "size_bytes": entry.size_bytes,
+        "version": entry.fingerprint,
+    }
+    if meta is None:
+        err = entry.error
+        out.update(
+            format=None, vendor=None, width=None, height=None, level_count=0, mpp=None,
+            objective_power=None,
+            error={"error": err.code, "detail": err.detail} if err else None,
+        )
+        return out
+    out.update(
+        format=meta.format,
+        vendor=meta.vendor,
+        width=meta.width,
+        height=meta.height,
+        level_count=len(meta.levels),
+        mpp=list(meta.mpp) if meta.mpp else None,
+        objective_power=meta.objective_power,
+    )
+    return out
+
+
+def create_app(
+    settings: Settings,
+    registry: ReaderRegistry | None = None,
+    cache: TileCache | None = None,
+) -> Starlette:
+    registry = registry or default_registry()
+    pool = ReaderPool(registry, settings.pool_size)
+    library = Library(settings.paths, pool)
+    metrics = Metrics()
+    threads = settings.render_threads or os.cpu_count() or 2
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-render")
+    tile_cache = cache or build_cache(settings)
+    service = TileService(
+        library,
+        tile_cache,
+        executor,
+        GeometryParams(settings.tile_size, settings.overlap, settings.limit_bounds),
+        settings.jpeg_quality,
+        metrics,
+    )
+    hidden = {"label", "macro"} if settings.hide_associated else set()
+
+    def visible_associated(entry: SlideEntry) -> list[str]:
+        assert entry.metadata is not None
+        return [n for n in entry.metadata.associated if n not in hidden]
+
+    def slide_id_of(request: Request) -> str:
+        sid = str(request.path_params["slide_id"])
+        if not _ID.match(sid):
+            raise SlideNotFound("no slide with this id")
+        return sid
+
+    # -- handlers ----------------------------------------------------------------
+    async def list_slides(request: Request) -> Response:
+        return JSONResponse({"slides": [slide_summary(e) for e in library.entries()]})
+
+    async def slide_detail(request: Request) -> Response:
+        entry = library.entry(slide_id_of(request))
+        if library.is_stale(entry):
+            entry = await service.run(library.refresh, entry)
+        body = slide_summary(entry)
+        meta = entry.metadata
+        if meta is not None:
+            body.update(
+                levels=[
+                    {"width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                     "tile_size": list(lv.tile_size) if lv.tile_size else None}
+                    for lv in meta.levels
+                ],
+                tile_size=list(meta.tile_size) if meta.tile_size else None,
+                native_tile_size=service.params_for(entry, "native").tile_size,
+                bounds=list(meta.bounds) if meta.bounds else None,
+                background="%02x%02x%02x" % meta.background,
+                associated=visible_associated(entry),
+                properties=_visible_properties(meta.properties, hidden),
+                dzi=f"/slides/{entry.id}.dzi?v={entry.fingerprint}",
+                native_dzi=f"/slides/{entry.id}/native.dzi?v={entry.fingerprint}",
+            )
+        return JSONResponse(body)
+
+    def dzi_handler(kind: GeometryKind) -> Any:
+        async def handler(request: Request) -> Response:
+            entry = await service.entry(slide_id_of(request))
+            geom = service.geometry(entry, kind)
+            return Response(
+                dzi_xml(geom, "jpeg"),
+                media_type="application/xml",
+                headers={"Cache-Control": REVALIDATE, "ETag": f'"{entry.fingerprint}"'},
+            )
+
+        return handler
+
+    def tile_handler(kind: GeometryKind) -> Any:
+        async def handler(request: Request) -> Response:
+            sid = slide_id_of(request)
+            level_s = str(request.path_params["level"])
+            m = _TILE.match(str(request.path_params["tile"]))
+            if not level_s.isdigit() or len(level_s) > 4 or m is None:
+                raise BadRequest("tile address must be {level}/{col}_{row}.{jpeg|png}")
+            ref = await service.locate(
+                sid, kind, int(level_s), int(m.group(1)), int(m.group(2)), m.group(3)
+            )
+            versioned = request.query_params.get("v") == ref.entry.fingerprint
+            headers = {"ETag": ref.etag, "Cache-Control": IMMUTABLE if versioned else REVALIDATE}
+            if ref.etag in request.headers.get("if-none-match", ""):
+                return Response(status_code=304, headers=headers)
+            tile = await service.fetch(ref)
+            headers["X-Tile-Source"] = tile.source
+            return Response(tile.data, media_type=tile.media_type, headers=headers)
+
+        return handler
+
+    async def thumbnail(request: Request) -> Response:
+        raw = request.query_params.get("max_size", "512")
+        if not raw.isdigit():
+            raise BadRequest("max_size must be a positive integer")
+        data, etag = await service.thumbnail(slide_id_of(request), int(raw))
+        return _image(request, data, etag, PRIVATE)
+
+    async def associated(request: Request) -> Response:
+        name = str(request.path_params["name"])
+        if name in hidden:
+            raise BadRequest("associated images of this kind are hidden by the server")
+        data, etag = await service.associated(slide_id_of(request), name)
+        return _image(request, data, etag, PRIVATE)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        cache_ok = await tile_cache.ping()
+        ready = library.loaded and cache_ok
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "library_loaded": library.loaded,
+            "slides": len(library.entries()),
+            "cache": {"backend": tile_cache.name, "reachable": cache_ok},
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics_route(request: Request) -> Response:
+        metrics.open_slides.set(len(pool))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # -- errors ------------------------------------------------------------------
+    async def on_wsi_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, WsiServerError)
+        metrics.errors.labels(exc.code).inc()
+        return _error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        metrics.errors.labels(code).inc()
+        return JSONResponse(
+            {"error": code, "detail": str(exc.detail)}, status_code=exc.status_code
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        metrics.errors.labels("internal_error").inc()
+        return JSONResponse(
+            {"error": "internal_error", "detail": "the server failed to handle this request"},
+            status_code=500,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, library.scan)
+        rescanner = None
+        if settings.rescan_seconds > 0:
+            rescanner = asyncio.create_task(_rescan(library, executor, settings.rescan_seconds))
+        try:
+            yield
+        finally:
+            if rescanner is not None:
+                rescanner.cancel()
+            await tile_cache.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    routes: list[BaseRoute] = [
+        Route("/api/slides", list_slides),
+        Route("/api/slides/{slide_id}", slide_detail),
+        Route("/api/slides/{slide_id}/thumbnail", thumbnail),
+        Route("/api/slides/{slide_id}/associated/{name}", associated),
+        Route("/slides/{slide_id}.dzi", dzi_handler("default")),
+        Route("/slides/{slide_id}_files/{level}/{tile}", tile_handler("default")),
+        Route("/slides/{slide_id}/native.dzi", dzi_handler("native")),
+        Route("/slides/{slide_id}/native_files/{level}/{tile}", tile_handler("native")),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_route),
+    ]
+    routes += _viewer_routes(settings)
+    middleware = [Middleware(GZipMiddleware, minimum_size=1024)]
+    if settings.cors_origins:
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "HEAD", "OPTIONS"],
+                expose_headers=["ETag", "X-Tile-Source", "Server-Timing"],
+            ),
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            WsiServerError: on_wsi_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.settings = settings
+    app.state.library = library
+    app.state.service = service
+    app.state.cache = tile_cache
+    app.state.metrics = metrics
+    app.state.pool = pool
+    return app
+
+
+def _visible_properties(props: dict[str, str], hidden: set[str]) -> dict[str, str]:
+    if not hidden:
+        return props
+    # Label text and barcodes can be copied into properties by some vendors.
+    return {k: v for k, v in props.items() if "barcode" not in k.lower() and "label" not in k.lower()}
+
+
+def _image(request: Request, data: bytes, etag: str, cache_control: str) -> Response:
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=codecs.JPEG, headers=headers)
+
+
+async def _rescan(library: Library, executor: ThreadPoolExecutor, every: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await loop.run_in_executor(executor, library.scan)
+        except Exception:
+            log.exception("library rescan failed")
+
+
+def _viewer_routes(settings: Settings) -> list[BaseRoute]:
+    from wsi_server.viewer import viewer_routes
+
+    return viewer_routes(settings)

@@ -1,0 +1,76 @@
+"""Image encoding and decoding: libjpeg-turbo through simplejpeg, PNG through imagecodecs,
+resampling through Pillow (the same LANCZOS filter ``DeepZoomGenerator`` uses)."""
+
+from __future__ import annotations
+
+import imagecodecs
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+JPEG = "image/jpeg"
+PNG = "image/png"
+MEDIA_TYPES = {"jpeg": JPEG, "jpg": JPEG, "png": PNG}
+
+# APP14 "Adobe" segment with transform 0: the three components are RGB, not YCbCr.
+# Aperio writes JPEG tiles of photometric RGB; without this marker a browser would
+# decode them as YCbCr and paint them green and purple.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def complete_jpeg(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
+    """A self-contained JPEG stream from a TIFF tile and the page's JPEGTables.
+
+    The tile is an abbreviated stream (SOI, frame, scan, EOI); the tables stream holds the
+    quantisation and Huffman tables between its own SOI and EOI.
+    """
+    parts = [b"\xff\xd8"]
+    if rgb:
+        parts.append(_ADOBE_RGB)
+    if tables:
+        parts.append(tables[2:-2])
+    parts.append(tile[2:])
+    return b"".join(parts)
+
+
+def decode_jpeg(data: bytes, factor: int = 1) -> np.ndarray:
+    """RGB pixels of a complete JPEG stream, with DCT scaling by 1/``factor``."""
+    arr: np.ndarray = simplejpeg.decode_jpeg(
+        data, colorspace="RGB", min_factor=float(factor), strict=False
+    )
+    return arr
+
+
+def encode(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    """Encode an RGB ``uint8`` array as ``jpeg`` or ``png``."""
+    pixels = np.ascontiguousarray(pixels)
+    if fmt == "png":
+        return bytes(imagecodecs.png_encode(pixels, level=1))
+    data: bytes = simplejpeg.encode_jpeg(
+        pixels, quality=quality, colorspace="RGB", colorsubsampling="420"
+    )
+    return data
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample to (width, height) with Pillow's LANCZOS, as ``Image.thumbnail`` does."""
+    if (pixels.shape[1], pixels.shape[0]) == size:
+        return pixels
+    img = Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return np.asarray(img)
+
+
+def to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Bring grey, grey+alpha, RGBA or 16-bit pixels to RGB ``uint8``."""
+    if pixels.dtype != np.uint8:
+        info = np.iinfo(pixels.dtype) if pixels.dtype.kind in "iu" else None
+        scale = 255.0 / info.max if info else 255.0
+        pixels = np.clip(pixels.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    channels = pixels.shape[2]
+    if channels == 3:
+        return pixels
+    if channels in (1, 2):
+        return np.repeat(pixels[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(pixels[:, :, :3])

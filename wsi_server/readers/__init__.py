@@ -1,0 +1,76 @@
+"""Slide readers: the ``SlideReader`` protocol, its backends and the registry that picks one.
+
+Backends are tried by priority (lower first) among those whose ``can_open`` accepts the
+path; a backend that finds the file outside its competence raises ``UnsupportedSlide`` and
+the next is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from wsi_server.errors import UnreadableSlide, UnsupportedSlide, WsiServerError
+from wsi_server.readers.base import (
+    LevelInfo,
+    RawTile,
+    ReaderBackend,
+    SlideMetadata,
+    SlideReader,
+)
+
+__all__ = [
+    "LevelInfo",
+    "RawTile",
+    "ReaderBackend",
+    "ReaderRegistry",
+    "SlideMetadata",
+    "SlideReader",
+    "default_registry",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ReaderRegistry:
+    def __init__(self, backends: Sequence[ReaderBackend]) -> None:
+        self.backends = sorted(backends, key=lambda b: b.priority)
+
+    def open(self, path: Path) -> SlideReader:
+        first_error: WsiServerError | None = None
+        for backend in self.backends:
+            if not backend.can_open(path):
+                continue
+            try:
+                return backend.open(path)
+            except (UnsupportedSlide, UnreadableSlide) as exc:
+                log.debug("backend %s declined %s: %s", backend.name, path.name, exc.detail)
+                if first_error is None or isinstance(first_error, UnsupportedSlide):
+                    first_error = exc
+            except Exception as exc:  # a backend must never take the server down
+                log.warning("backend %s failed on %s: %r", backend.name, path.name, exc)
+                if first_error is None:
+                    first_error = UnreadableSlide(f"{backend.name} could not read the slide")
+        raise first_error or UnsupportedSlide("no reader supports this file format")
+
+    def backend_named(self, name: str) -> ReaderBackend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+
+def default_registry() -> ReaderRegistry:
+    from wsi_server.readers.dicom import DicomBackend
+    from wsi_server.readers.openslide_backend import OpenSlideBackend
+    from wsi_server.readers.tiff import TiffBackend
+
+    backends: list[ReaderBackend] = [TiffBackend(), DicomBackend(), OpenSlideBackend()]
+    try:
+        from wsi_server.readers.zarr_backend import ZarrBackend
+    except ImportError:
+        pass
+    else:
+        backends.append(ZarrBackend())
+    return ReaderRegistry(backends)

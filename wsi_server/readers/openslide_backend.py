@@ -1,0 +1,124 @@
+"""OpenSlide backend: every format OpenSlide 4 reads (NDPI, MRXS, SCN, BIF, Philips, VMS,
+Aperio JPEG 2000, DICOM-WSI pixels...). OpenSlide handles are thread-safe and ctypes
+releases the GIL during reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from wsi_server.errors import UnreadableSlide, UnsupportedSlide
+from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
+
+_DICOM_SUFFIX = ".dcm"
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _hex_rgb(value: str | None) -> tuple[int, int, int]:
+    if value and len(value) == 6:
+        try:
+            return (int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16))
+        except ValueError:
+            pass
+    return (255, 255, 255)
+
+
+def openslide_target(path: Path) -> Path:
+    """The file OpenSlide must be given: a DICOM folder is opened through one instance."""
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            if child.suffix.lower() == _DICOM_SUFFIX and child.is_file():
+                return child
+    return path
+
+
+def metadata_from_openslide(osr: openslide.OpenSlide) -> SlideMetadata:
+    props = dict(osr.properties)
+    levels = []
+    for i, ((w, h), ds) in enumerate(zip(osr.level_dimensions, osr.level_downsamples, strict=True)):
+        tw = props.get(f"openslide.level[{i}].tile-width")
+        th = props.get(f"openslide.level[{i}].tile-height")
+        tile = (int(tw), int(th)) if tw and th else None
+        levels.append(LevelInfo(w, h, float(ds), tile))
+    mx, my = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
+    bounds = None
+    if "openslide.bounds-x" in props:
+        w0, h0 = osr.dimensions
+        bounds = (
+            int(props.get("openslide.bounds-x", 0)),
+            int(props.get("openslide.bounds-y", 0)),
+            int(props.get("openslide.bounds-width", w0)),
+            int(props.get("openslide.bounds-height", h0)),
+        )
+    vendor = props.get("openslide.vendor")
+    return SlideMetadata(
+        format=vendor or "unknown",
+        vendor=vendor,
+        levels=tuple(levels),
+        mpp=(mx, my) if mx and my else None,
+        objective_power=_float(props.get("openslide.objective-power")),
+        associated=tuple(sorted(osr.associated_images.keys())),
+        bounds=bounds,
+        background=_hex_rgb(props.get("openslide.background-color")),
+        properties=props,
+    )
+
+
+class OpenSlideReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._osr = openslide.OpenSlide(openslide_target(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise UnsupportedSlide("no reader supports this file format") from exc
+        except openslide.OpenSlideError as exc:
+            raise UnreadableSlide(f"OpenSlide cannot read this slide: {exc}") from exc
+        self.metadata = metadata_from_openslide(self._osr)
+        self._bg = "#%02x%02x%02x" % self.metadata.background
+
+    def read_region(self, level: int, l0_x: int, l0_y: int, l_w: int, l_h: int) -> np.ndarray:
+        try:
+            tile = self._osr.read_region((l0_x, l0_y), level, (l_w, l_h))
+        except openslide.OpenSlideError as exc:
+            raise UnreadableSlide(f"OpenSlide read failed: {exc}") from exc
+        bg = Image.new("RGB", tile.size, self._bg)
+        return np.asarray(Image.composite(tile, bg, tile))
+
+    def read_scaled(
+        self, level: int, l_x: int, l_y: int, l_w: int, l_h: int, factor: int
+    ) -> np.ndarray | None:
+        return None
+
+    def read_raw_tile(self, level: int, col: int, row: int) -> RawTile | None:
+        return None
+
+    def associated_image(self, name: str) -> np.ndarray:
+        img = self._osr.associated_images[name]
+        bg = Image.new("RGB", img.size, self._bg)
+        return np.asarray(Image.composite(img, bg, img))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class OpenSlideBackend:
+    name = "openslide"
+    priority = 50
+
+    def can_open(self, path: Path) -> bool:
+        try:
+            return openslide.OpenSlide.detect_format(str(openslide_target(path))) is not None
+        except Exception:
+            return False
+
+    def open(self, path: Path) -> OpenSlideReader:
+        return OpenSlideReader(path)

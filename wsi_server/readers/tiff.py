@@ -1,0 +1,338 @@
+"""tifffile backend for the TIFF family it reads well: Aperio SVS (JPEG, LZW, ...), generic
+tiled pyramidal TIFF and OME-TIFF.
+
+Stored tiles are read with ``os.pread`` on the backend's own descriptor (thread-safe, no
+lock, one syscall) and JPEG tiles are completed with the page's JPEGTables so they can be
+sent as they are. Decoding uses libjpeg-turbo (with DCT scaling for coarser reads) or
+tifffile's codec for other compressions. Levels, downsamples and associated images follow
+OpenSlide's rules for the same file, so both backends agree pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import tifffile
+
+from wsi_server import codecs
+from wsi_server.errors import UnreadableSlide, UnsupportedSlide
+from wsi_server.geometry import level_downsamples
+from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
+
+_JPEG = 7
+_SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32946, 50000, 34925}  # none, LZW, JPEG, deflate, zstd, lzma
+_RGB = 2
+_YCBCR = 6
+_DECODED_CACHE_BYTES = 24 * 2**20
+
+
+class _DecodedTiles:
+    """Small byte-bounded LRU of decoded stored tiles: neighbouring Deep Zoom tiles of the
+    254/overlap-1 grid share stored tiles, so most are decoded once, not four times."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int, int]) -> np.ndarray | None:
+        with self._lock:
+            arr = self._items.get(key)
+            if arr is not None:
+                self._items.move_to_end(key)
+            return arr
+
+    def put(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self._max and self._items:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+class _Level:
+    def __init__(self, page: tifffile.TiffPage) -> None:
+        self.page = page
+        self.width = int(page.imagewidth)
+        self.height = int(page.imagelength)
+        self.tile_w = int(page.tilewidth)
+        self.tile_h = int(page.tilelength)
+        self.cols = math.ceil(self.width / self.tile_w)
+        self.rows = math.ceil(self.height / self.tile_h)
+        self.offsets = tuple(int(o) for o in page.dataoffsets)
+        self.counts = tuple(int(c) for c in page.databytecounts)
+        self.compression = int(page.compression)
+        self.photometric = int(page.photometric)
+        self.jpegtables: bytes | None = page.jpegtables
+        self.decode = page.decode
+        self.is_jpeg = self.compression == _JPEG and int(page.samplesperpixel) == 3
+        self.rgb_jpeg = self.is_jpeg and self.photometric == _RGB
+
+
+def _check_page(page: tifffile.TiffPage) -> None:
+    if not page.is_tiled:
+        raise UnsupportedSlide("level is not tiled")
+    if int(page.compression) not in _SUPPORTED_COMPRESSION:
+        raise UnsupportedSlide(f"TIFF compression {int(page.compression)} is left to OpenSlide")
+    if page.dtype is None or np.dtype(page.dtype) != np.uint8:
+        raise UnsupportedSlide("only 8-bit samples are read by the tifffile backend")
+    if int(page.planarconfig) != 1 and int(page.samplesperpixel) > 1:
+        raise UnsupportedSlide("planar TIFF is left to OpenSlide")
+
+
+def _aperio_properties(description: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for part in description.split("|")[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            props[f"aperio.{key.strip()}"] = value.strip()
+    return props
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class TiffReader:
+    """An open SVS / generic TIFF / OME-TIFF slide."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        self._tif = tifffile.TiffFile(path)
+        self._lock = threading.Lock()
+        try:
+            self.metadata, self._levels, self._associated = self._inspect(fmt)
+            self._fd = os.open(path, os.O_RDONLY)
+        except Exception:
+            self._tif.close()
+            raise
+        self._decoded = _DecodedTiles(_DECODED_CACHE_BYTES)
+
+    # -- opening ---------------------------------------------------------------
+    def _inspect(
+        self, fmt: str
+    ) -> tuple[SlideMetadata, list[_Level], dict[str, tifffile.TiffPage]]:
+        tif = self._tif
+        pages = list(tif.pages)
+        associated: dict[str, tifffile.TiffPage] = {}
+        props: dict[str, str] = {}
+        if tif.is_ome:
+            level_pages = [lv.keyframe for lv in tif.series[0].levels]
+            fmt = "ome-tiff"
+        else:
+            level_pages = [p for p in pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
+            level_pages.sort(key=lambda p: -int(p.imagewidth))
+        if not level_pages:
+            raise UnsupportedSlide("no tiled levels")
+        for page in level_pages:
+            _check_page(page)
+        mpp: tuple[float, float] | None = None
+        objective: float | None = None
+        first = pages[0]
+        desc = first.description or ""
+        props["tiff.ImageDescription"] = desc
+        if fmt == "aperio":
+            props.update(_aperio_properties(desc))
+            m = _float(props.get("aperio.MPP"))
+            mpp = (m, m) if m else None
+            objective = _float(props.get("aperio.AppMag"))
+            for i, page in enumerate(pages[1:], start=1):
+                if not isinstance(page, tifffile.TiffPage) or page.is_tiled:
+                    continue
+                text = (page.description or "").lower()
+                if i == 1:
+                    associated["thumbnail"] = page
+                elif "label" in text:
+                    associated["label"] = page
+                elif "macro" in text:
+                    associated["macro"] = page
+        else:
+            mpp = self._resolution_mpp(first)
+        dims = [(int(p.imagewidth), int(p.imagelength)) for p in level_pages]
+        downs = level_downsamples(dims)
+        levels = [_Level(p) for p in level_pages]
+        infos = tuple(
+            LevelInfo(lv.width, lv.height, d, (lv.tile_w, lv.tile_h))
+            for lv, d in zip(levels, downs, strict=True)
+        )
+        if mpp:
+            props["openslide.mpp-x"], props["openslide.mpp-y"] = str(mpp[0]), str(mpp[1])
+        if objective:
+            props["openslide.objective-power"] = f"{objective:g}"
+        meta = SlideMetadata(
+            format=fmt,
+            vendor="aperio" if fmt == "aperio" else None,
+            levels=infos,
+            mpp=mpp,
+            objective_power=objective,
+            associated=tuple(sorted(associated)),
+            bounds=None,
+            properties=props,
+        )
+        return meta, levels, associated
+
+    @staticmethod
+    def _resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
+        tags = page.tags
+        unit = tags.get("ResolutionUnit")
+        xres, yres = tags.get("XResolution"), tags.get("YResolution")
+        if unit is None or xres is None or yres is None:
+            return None
+        per = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        try:
+            x = xres.value[0] / xres.value[1]
+            y = yres.value[0] / yres.value[1]
+        except (TypeError, ZeroDivisionError, IndexError):
+            return None
+        if not per or x <= 0 or y <= 0:
+            return None
+        return (per / x, per / y)
+
+    # -- reads -----------------------------------------------------------------
+    def _raw(self, lv: _Level, index: int) -> bytes:
+        count = lv.counts[index]
+        if count == 0:
+            return b""
+        data = os.pread(self._fd, count, lv.offsets[index])
+        if len(data) != count:
+            raise UnreadableSlide("slide file is truncated")
+        return data
+
+    def _decode_tile(self, level: int, col: int, row: int, factor: int) -> np.ndarray | None:
+        key = (level, row * self._levels[level].cols + col, factor)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            return cached
+        lv = self._levels[level]
+        data = self._raw(lv, key[1])
+        if not data:
+            return None
+        try:
+            if lv.is_jpeg:
+                arr = codecs.decode_jpeg(
+                    codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg), factor
+                )
+            else:
+                decoded: Any = lv.decode(data, key[1], jpegtables=lv.jpegtables)[0]
+                arr = codecs.to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise UnreadableSlide(f"a stored tile cannot be decoded ({exc})") from exc
+        self._decoded.put(key, arr)
+        return arr
+
+    def _paint(
+        self, level: int, l_x: int, l_y: int, l_w: int, l_h: int, factor: int
+    ) -> np.ndarray:
+        """Region in units of the level decoded at 1/factor; (l_x, l_y, l_w, l_h) are in
+        those scaled units."""
+        lv = self._levels[level]
+        out = np.empty((l_h, l_w, 3), np.uint8)
+        out[...] = self.metadata.background
+        tw, th = lv.tile_w // factor, lv.tile_h // factor
+        lw = math.ceil(lv.width / factor)
+        lh = math.ceil(lv.height / factor)
+        x0, y0 = max(l_x, 0), max(l_y, 0)
+        x1, y1 = min(l_x + l_w, lw), min(l_y + l_h, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self._decode_tile(level, col, row, factor)
+                tx, ty = col * tw, row * th
+                sx0, sy0 = max(x0, tx), max(y0, ty)
+                sx1, sy1 = min(x1, tx + tw), min(y1, ty + th)
+                if tile is None:
+                    continue
+                sx1 = min(sx1, tx + tile.shape[1])
+                sy1 = min(sy1, ty + tile.shape[0])
+                out[sy0 - l_y : sy1 - l_y, sx0 - l_x : sx1 - l_x] = tile[
+                    sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
+                ]
+        return out
+
+    def read_region(self, level: int, l0_x: int, l0_y: int, l_w: int, l_h: int) -> np.ndarray:
+        ds = self.metadata.levels[level].downsample
+        return self._paint(level, round(l0_x / ds), round(l0_y / ds), l_w, l_h, 1)
+
+    def read_scaled(
+        self, level: int, l_x: int, l_y: int, l_w: int, l_h: int, factor: int
+    ) -> np.ndarray | None:
+        lv = self._levels[level]
+        if not lv.is_jpeg or lv.tile_w % factor or lv.tile_h % factor:
+            return None
+        return self._paint(
+            level,
+            l_x // factor,
+            l_y // factor,
+            math.ceil(l_w / factor),
+            math.ceil(l_h / factor),
+            factor,
+        )
+
+    def read_raw_tile(self, level: int, col: int, row: int) -> RawTile | None:
+        lv = self._levels[level]
+        if not lv.is_jpeg or col >= lv.cols or row >= lv.rows:
+            return None
+        if (col + 1) * lv.tile_w > lv.width or (row + 1) * lv.tile_h > lv.height:
+            return None
+        data = self._raw(lv, row * lv.cols + col)
+        if not data:
+            return None
+        jpeg = codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg)
+        return RawTile(jpeg, codecs.JPEG, (lv.tile_w, lv.tile_h))
+
+    def associated_image(self, name: str) -> np.ndarray:
+        page = self._associated[name]
+        with self._lock:
+            arr = page.asarray()
+        return codecs.to_rgb(arr)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._tif.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_fd"):
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+
+class TiffBackend:
+    name = "tifffile"
+    priority = 10
+
+    def can_open(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            fmt = openslide.OpenSlide.detect_format(str(path))
+        except Exception:
+            return False
+        if fmt in ("aperio", "generic-tiff"):
+            return True
+        return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+    def open(self, path: Path) -> TiffReader:
+        fmt = openslide.OpenSlide.detect_format(str(path)) or "generic-tiff"
+        try:
+            return TiffReader(path, fmt)
+        except (UnsupportedSlide, UnreadableSlide):
+            raise
+        except Exception as exc:
+            raise UnreadableSlide(f"cannot read TIFF structure ({type(exc).__name__})") from exc

@@ -1,0 +1,171 @@
+"""Typed, immutable settings built from CLI flags and ``WSI_*`` environment variables.
+
+Each field is documented once, here; ``--help`` and the README's configuration table are
+generated from the same metadata (``python -m wsi_server.settings`` prints the table).
+Precedence: command-line flag, then environment variable, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _opt(help: str, flag: str | None = None, **kw: Any) -> Any:
+    default = kw.pop("default")
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: tuple[Path, ...] = _opt(
+        "Slide files or folders to serve (scanned recursively). Positional on the CLI; "
+        "in the environment, separated by ':'.",
+        default=(),
+    )
+    host: str = _opt("Address to bind.", default="127.0.0.1")
+    port: int = _opt("Port to bind.", default=8000)
+    workers: int = _opt("Worker processes (uvicorn); share tiles through Redis.", default=1)
+    jpeg_quality: int = _opt("JPEG quality of rendered tiles (1-100).", default=75)
+    tile_size: int = _opt("Tile size of the default Deep Zoom geometry.", default=254)
+    overlap: int = _opt("Tile overlap of the default Deep Zoom geometry.", default=1)
+    limit_bounds: bool = _opt(
+        "Limit the default geometry to the slide's non-empty bounds, where the file says.",
+        default=False,
+    )
+    cache_size: int = _opt(
+        "In-process tile cache size in MB (0 disables it).", default=256
+    )
+    redis_url: str | None = _opt(
+        "Redis URL for a tile cache shared by every worker and replica.", default=None
+    )
+    cors_origins: tuple[str, ...] = _opt(
+        "Origins allowed by CORS (comma separated in the environment; '*' for any).",
+        default=(),
+    )
+    pool_size: int = _opt("Open slides kept in the reader pool.", default=32)
+    render_threads: int = _opt(
+        "Threads decoding, resampling and encoding tiles (0: one per core).", default=0
+    )
+    rescan_seconds: float = _opt(
+        "Seconds between library rescans that pick up new or removed slides (0: never).",
+        default=30.0,
+    )
+    ingest: Path | None = _opt("Watch folder of the ingest pipeline.", default=None)
+    hide_associated: bool = _opt(
+        "Withhold label and macro images (they often carry patient identifiers).",
+        default=False,
+    )
+    log_level: str = _opt("Logging level.", default="info")
+
+    @property
+    def env_prefix(self) -> str:
+        return "WSI_"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(name: str) -> str:
+    return "WSI_" + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    t = str(f.type)
+    if t == "bool":
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{env_name(f.name)}: expected a boolean, got {raw!r}")
+    if t == "int":
+        return int(raw)
+    if t == "float":
+        return float(raw)
+    if t.startswith("tuple[Path"):
+        return tuple(Path(p) for p in raw.split(os.pathsep) if p)
+    if t.startswith("tuple[str"):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if t.startswith("Path"):
+        return Path(raw) if raw else None
+    if t.startswith("str | None"):
+        return raw or None
+    return raw
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Settings)
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Add a flag for each named setting, with its environment variable in the help."""
+    by_name = {f.name: f for f in fields()}
+    for name in names:
+        f = by_name[name]
+        help_text = f"{f.metadata['help']} [env {env_name(name)}; default {f.default!r}]"
+        if name == "paths":
+            parser.add_argument("paths", nargs="*", type=Path, help=help_text)
+        elif str(f.type) == "bool":
+            parser.add_argument(
+                flag_name(name), action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag_name(name), default=None, help=help_text, metavar="VALUE")
+
+
+def from_sources(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from parsed flags over ``WSI_*`` variables over defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields():
+        raw_env = environ.get(env_name(f.name))
+        if raw_env is not None:
+            values[f.name] = _convert(f, raw_env)
+        flag = getattr(args, f.name, None) if args is not None else None
+        if flag is None or (f.name == "paths" and not flag):
+            continue
+        if isinstance(flag, bool | list):
+            values[f.name] = tuple(flag) if isinstance(flag, list) else flag
+        else:
+            values[f.name] = _convert(f, str(flag))
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not 1 <= s.jpeg_quality <= 100:
+        raise ValueError("jpeg_quality must be between 1 and 100")
+    if s.tile_size < 1 or s.overlap < 0:
+        raise ValueError("tile_size must be >= 1 and overlap >= 0")
+    if s.cache_size < 0 or s.pool_size < 1 or s.workers < 1:
+        raise ValueError("cache_size must be >= 0, pool_size and workers >= 1")
+
+
+def markdown_table() -> str:
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields():
+        flag = "PATH ..." if f.name == "paths" else flag_name(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append(f"| `{flag}` | `{env_name(f.name)}` | `{default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

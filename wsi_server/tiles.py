@@ -1,0 +1,254 @@
+"""TileService: (slide, geometry, level, col, row, format) to encoded bytes.
+
+Cache lookup, then passthrough when the Deep Zoom tile is exactly one stored tile, else
+read, resample and encode in the thread pool. Concurrent misses for the same tile share
+one render. Keys carry the slide's fingerprint, so a replaced file never serves stale
+tiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+
+from wsi_server import codecs
+from wsi_server.cache import TileCache
+from wsi_server.errors import BadRequest, NotFound, TileNotFound
+from wsi_server.geometry import (
+    DeepZoomGeometry,
+    GeometryParams,
+    TileRegion,
+    deep_zoom,
+    native_tile_size,
+    thumbnail_size,
+)
+from wsi_server.library import Library, SlideEntry
+from wsi_server.metrics import Metrics
+from wsi_server.readers import SlideReader
+
+GeometryKind = Literal["default", "native"]
+FORMATS = ("jpeg", "png")
+_T = TypeVar("_T")
+_SCALE_FACTORS = (8, 4, 2)
+_MAX_THUMBNAIL_SOURCE_PIXELS = 64 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class TileRef:
+    entry: SlideEntry
+    geometry: DeepZoomGeometry
+    level: int
+    col: int
+    row: int
+    fmt: str
+    key: str
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    data: bytes
+    media_type: str
+    source: str
+
+
+def etag_for(key: str) -> str:
+    return '"' + hashlib.blake2b(key.encode(), digest_size=10).hexdigest() + '"'
+
+
+def render_region(
+    reader: SlideReader, region: TileRegion, fmt: str, quality: int
+) -> bytes:
+    """Read, resample and encode one Deep Zoom tile (runs in a worker thread)."""
+    meta = reader.metadata
+    w, h = region.l_size
+    if w <= 0 or h <= 0:
+        out_w, out_h = max(region.out_size[0], 1), max(region.out_size[1], 1)
+        blank = np.empty((out_h, out_w, 3), np.uint8)
+        blank[...] = meta.background
+        return codecs.encode(blank, fmt, quality)
+    pixels: np.ndarray | None = None
+    factor = next((f for f in _SCALE_FACTORS if f <= region.l_z_downsample + 1e-9), 1)
+    if factor > 1:
+        ds = meta.levels[region.slide_level].downsample
+        l_x = round(region.l0_location[0] / ds)
+        l_y = round(region.l0_location[1] / ds)
+        pixels = reader.read_scaled(region.slide_level, l_x, l_y, w, h, factor)
+    if pixels is None:
+        pixels = reader.read_region(region.slide_level, *region.l0_location, w, h)
+    return codecs.encode(codecs.resize(pixels, region.out_size), fmt, quality)
+
+
+class TileService:
+    def __init__(
+        self,
+        library: Library,
+        cache: TileCache,
+        executor: ThreadPoolExecutor,
+        default_params: GeometryParams,
+        jpeg_quality: int = 75,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.library = library
+        self.cache = cache
+        self.executor = executor
+        self.default_params = default_params
+        self.jpeg_quality = jpeg_quality
+        self.metrics = metrics or Metrics()
+        self._geometries: dict[tuple[str, GeometryParams], DeepZoomGeometry] = {}
+        self._in_flight: dict[str, asyncio.Future[Tile]] = {}
+
+    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- slides and geometry -----------------------------------------------------
+    async def entry(self, slide_id: str) -> SlideEntry:
+        entry = self.library.entry(slide_id)
+        if self.library.is_stale(entry):
+            entry = await self.run(self.library.refresh, entry)
+        if entry.error is not None:
+            raise entry.error
+        return entry
+
+    def params_for(self, entry: SlideEntry, kind: GeometryKind) -> GeometryParams:
+        if kind == "default":
+            return self.default_params
+        assert entry.metadata is not None
+        return GeometryParams(native_tile_size(entry.metadata.tile_size), 0, False)
+
+    def geometry(self, entry: SlideEntry, kind: GeometryKind) -> DeepZoomGeometry:
+        params = self.params_for(entry, kind)
+        key = (entry.fingerprint, params)
+        geom = self._geometries.get(key)
+        if geom is None:
+            assert entry.metadata is not None
+            geom = deep_zoom(entry.metadata.pyramid(), params)
+            if len(self._geometries) > 4096:
+                self._geometries.clear()
+            self._geometries[key] = geom
+        return geom
+
+    # -- tiles -------------------------------------------------------------------
+    async def locate(
+        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str
+    ) -> TileRef:
+        if fmt not in FORMATS:
+            raise BadRequest("tile format must be jpeg or png")
+        entry = await self.entry(slide_id)
+        geom = self.geometry(entry, kind)
+        if not geom.contains(level, col, row):
+            raise TileNotFound("no tile at this level and address")
+        quality = self.jpeg_quality if fmt == "jpeg" else 0
+        key = (
+            f"tile:{entry.fingerprint}:{geom.params.key()}:{level}:{col}:{row}:{fmt}:{quality}"
+        )
+        return TileRef(entry, geom, level, col, row, fmt, key, etag_for(key))
+
+    async def fetch(self, ref: TileRef) -> Tile:
+        start = time.perf_counter()
+        data = await self.cache.get(ref.key)
+        self.metrics.cache_requests.labels(self.cache.name, "miss" if data is None else "hit").inc()
+        if data is not None:
+            tile = Tile(data, codecs.MEDIA_TYPES[ref.fmt], self.cache.name)
+        else:
+            pending = self._in_flight.get(ref.key)
+            if pending is not None:
+                return await asyncio.shield(pending)
+            future: asyncio.Future[Tile] = asyncio.get_running_loop().create_future()
+            self._in_flight[ref.key] = future
+            try:
+                tile = await self._produce(ref)
+                await self.cache.set(ref.key, tile.data)
+                future.set_result(tile)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: waiters re-raise it themselves
+                raise
+            finally:
+                del self._in_flight[ref.key]
+        self.metrics.tile_seconds.labels(tile.source).observe(time.perf_counter() - start)
+        return tile
+
+    async def tile(
+        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str
+    ) -> Tile:
+        return await self.fetch(await self.locate(slide_id, kind, level, col, row, fmt))
+
+    def _passthrough_ok(self, ref: TileRef, region: TileRegion, reader: SlideReader) -> bool:
+        geom = ref.geometry
+        if ref.fmt != "jpeg" or geom.overlap != 0 or geom.l0_offset != (0, 0):
+            return False
+        info = reader.metadata.levels[region.slide_level]
+        return (
+            info.tile_size == (geom.tile_size, geom.tile_size)
+            and geom.z_dimensions[ref.level] == (info.width, info.height)
+        )
+
+    async def _produce(self, ref: TileRef) -> Tile:
+        reader = self.library.reader(ref.entry)
+        region = ref.geometry.tile_region(ref.level, ref.col, ref.row)
+        if self._passthrough_ok(ref, region, reader):
+            # One pread of a few kB from the page cache: cheaper inline than a thread hop.
+            raw = reader.read_raw_tile(region.slide_level, ref.col, ref.row)
+            if raw is not None:
+                return Tile(raw.data, raw.media_type, "passthrough")
+        self.metrics.renders_in_flight.inc()
+        try:
+            data = await self.run(render_region, reader, region, ref.fmt, self.jpeg_quality)
+        finally:
+            self.metrics.renders_in_flight.dec()
+        return Tile(data, codecs.MEDIA_TYPES[ref.fmt], "rendered")
+
+    # -- whole images ------------------------------------------------------------
+    async def thumbnail(self, slide_id: str, max_size: int) -> tuple[bytes, str]:
+        if not 1 <= max_size <= 4096:
+            raise BadRequest("max_size must be between 1 and 4096")
+        entry = await self.entry(slide_id)
+        key = f"thumb:{entry.fingerprint}:{max_size}:{self.jpeg_quality}"
+        data = await self.cache.get(key)
+        if data is None:
+            reader = self.library.reader(entry)
+            data = await self.run(self._render_thumbnail, reader, max_size)
+            await self.cache.set(key, data)
+        return data, etag_for(key)
+
+    def _render_thumbnail(self, reader: SlideReader, max_size: int) -> bytes:
+        meta = reader.metadata
+        level = len(meta.levels) - 1
+        for i, lv in enumerate(meta.levels):
+            if max(lv.width, lv.height) >= max_size:
+                level = i
+        lv = meta.levels[level]
+        size = thumbnail_size((lv.width, lv.height), (max_size, max_size))
+        pixels = None
+        if lv.width * lv.height > _MAX_THUMBNAIL_SOURCE_PIXELS:
+            pixels = reader.read_scaled(level, 0, 0, lv.width, lv.height, 8)
+            if pixels is None:
+                raise BadRequest("slide has no level small enough for a thumbnail")
+        if pixels is None:
+            pixels = reader.read_region(level, 0, 0, lv.width, lv.height)
+        return codecs.encode(codecs.resize(pixels, size), "jpeg", 90)
+
+    async def associated(self, slide_id: str, name: str) -> tuple[bytes, str]:
+        entry = await self.entry(slide_id)
+        assert entry.metadata is not None
+        if name not in entry.metadata.associated:
+            raise NotFound("the slide has no associated image of this name")
+        key = f"assoc:{entry.fingerprint}:{name}"
+        data = await self.cache.get(key)
+        if data is None:
+            reader = self.library.reader(entry)
+
+            def work() -> bytes:
+                return codecs.encode(reader.associated_image(name), "jpeg", 90)
+
+            data = await self.run(work)
+            await self.cache.set(key, data)
+        return data, etag_for(key)
