@@ -1,0 +1,72 @@
+"""Shared fixtures: generated slides, the real scanner slides, and apps built per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from sample_slides import write_generic_tiff, write_svs_like
+from wsi_server.app import create_app
+from wsi_server.settings import Settings
+
+pytest_plugins = ["tests.plugins.redis_server", "tests.plugins.browser"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SLIDES = Path(os.environ.get("WSI_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
+REAL_SLIDES = {
+    "svs": SHARED_SLIDES / "svs" / "CMU-1-Small-Region.svs",
+    "ndpi": SHARED_SLIDES / "ndpi" / "test3-DAPI-2-(387).ndpi",
+    "dicom": SHARED_SLIDES / "dicom" / "wsi2dcm-jpeg",
+}
+
+
+def real_slide(name: str) -> Path:
+    """A real scanner slide; skipped when absent, except in CI where absence fails."""
+    path = REAL_SLIDES[name]
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"real test slide {path} is missing in CI")
+        pytest.skip(f"real test slide {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small synthetic slides of the shapes the tests need."""
+    d = tmp_path_factory.mktemp("synthetic")
+    write_svs_like(d / "aperio-rgb.svs", 3000, 2100, tile=256, downsamples=(1, 4, 16))
+    write_svs_like(
+        d / "aperio-ycbcr.svs", 1333, 777, tile=240, downsamples=(1, 4), photometric="ycbcr"
+    )
+    write_generic_tiff(d / "generic.tiff", 2000, 1500)
+    write_generic_tiff(
+        d / "odd.tiff", 1001, 517, tile=128, downsamples=(1, 3), compression="zlib",
+        photometric="rgb",
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides(synthetic_dir: Path) -> dict[str, Path]:
+    return {p.stem: p for p in synthetic_dir.iterdir()}
+
+
+@pytest.fixture
+def make_client() -> Iterator[object]:
+    """Build an app from settings and return an entered TestClient."""
+    clients: list[TestClient] = []
+
+    def make(**kw: object) -> TestClient:
+        kw.setdefault("rescan_seconds", 0)
+        client = TestClient(create_app(Settings(**kw)))  # type: ignore[arg-type]
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)

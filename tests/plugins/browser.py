@@ -1,0 +1,1 @@
+"""Real headless Chromium fixtures (see tests/test_viewer.py)."""

@@ -1,0 +1,1 @@
+"""Real redis-server fixtures (see tests/test_cache_redis.py)."""
