@@ -33,10 +33,19 @@ def complete_jpeg(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
     return b"".join(parts)
 
 
-def decode_jpeg(data: bytes, factor: int = 1) -> np.ndarray:
-    """RGB pixels of a complete JPEG stream, with DCT scaling by 1/``factor``."""
-    arr: np.ndarray = simplejpeg.decode_jpeg(
-        data, colorspace="RGB", min_factor=float(factor), strict=False
+def decode_jpeg(data: bytes, factor: int = 1, size: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """RGB pixels of a complete JPEG stream of ``size`` (width, height), decoded at
+    1/``factor`` scale by libjpeg-turbo's DCT scaling (factor 1, 2, 4 or 8)."""
+    if factor == 1:
+        arr: np.ndarray = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+        return arr
+    arr = simplejpeg.decode_jpeg(
+        data,
+        colorspace="RGB",
+        min_width=-(-size[0] // factor),
+        min_height=-(-size[1] // factor),
+        min_factor=float(factor),
+        strict=False,
     )
     return arr
 

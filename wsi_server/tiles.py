@@ -38,6 +38,7 @@ FORMATS = ("jpeg", "png")
 _T = TypeVar("_T")
 _SCALE_FACTORS = (8, 4, 2)
 _MAX_THUMBNAIL_SOURCE_PIXELS = 64 * 2**20
+_MAX_FULL_DECODE_PIXELS = 16 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,9 @@ def render_region(
         return codecs.encode(blank, fmt, quality)
     pixels: np.ndarray | None = None
     factor = next((f for f in _SCALE_FACTORS if f <= region.l_z_downsample + 1e-9), 1)
-    if factor > 1:
+    # DCT scaling shifts the colour of the few-pixel tiles at the top of the pyramid by a
+    # few levels; it is only worth it for real tiles or for regions too big to decode.
+    if factor > 1 and (min(region.out_size) >= 32 or w * h > _MAX_FULL_DECODE_PIXELS):
         ds = meta.levels[region.slide_level].downsample
         l_x = round(region.l0_location[0] / ds)
         l_y = round(region.l0_location[1] / ds)

@@ -95,7 +95,7 @@ class DicomReader(OpenSlideReader):
 
     def read_raw_tile(self, level: int, col: int, row: int) -> RawTile | None:
         frames = self._frames.get(level)
-        if frames is None or col >= frames.cols or row >= frames.rows:
+        if frames is None or not (0 <= col < frames.cols and 0 <= row < frames.rows):
             return None
         if (col + 1) * frames.tile_w > frames.width or (row + 1) * frames.tile_h > frames.height:
             return None

@@ -225,7 +225,9 @@ class TiffReader:
         try:
             if lv.is_jpeg:
                 arr = codecs.decode_jpeg(
-                    codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg), factor
+                    codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg),
+                    factor,
+                    (lv.tile_w, lv.tile_h),
                 )
             else:
                 decoded: Any = lv.decode(data, key[1], jpegtables=lv.jpegtables)[0]
@@ -286,7 +288,7 @@ class TiffReader:
 
     def read_raw_tile(self, level: int, col: int, row: int) -> RawTile | None:
         lv = self._levels[level]
-        if not lv.is_jpeg or col >= lv.cols or row >= lv.rows:
+        if not lv.is_jpeg or not (0 <= col < lv.cols and 0 <= row < lv.rows):
             return None
         if (col + 1) * lv.tile_w > lv.width or (row + 1) * lv.tile_h > lv.height:
             return None
