@@ -36,7 +36,9 @@ from wsi_server.readers import SlideReader
 GeometryKind = Literal["default", "native"]
 FORMATS = ("jpeg", "png")
 _T = TypeVar("_T")
-_SCALE_FACTORS = (8, 4, 2)
+# 1/8 DCT scaling is visibly softer than Lanczos (MAD > 3 against DeepZoomGenerator):
+# stop at 1/4 and let Lanczos do the rest.
+_SCALE_FACTORS = (4, 2)
 _MAX_THUMBNAIL_SOURCE_PIXELS = 64 * 2**20
 _MAX_FULL_DECODE_PIXELS = 16 * 2**20
 
