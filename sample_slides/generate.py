@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -61,7 +62,7 @@ def _tiles(
             yield out
 
 
-def _compression(spec: str | tuple[str, int]) -> dict[str, object]:
+def _compression(spec: str | tuple[str, int]) -> dict[str, Any]:
     if isinstance(spec, tuple):
         return {"compression": spec[0], "compressionargs": {"level": spec[1]}}
     return {"compression": spec}
@@ -94,7 +95,7 @@ def write_svs_like(
         f"Q={quality}|AppMag = {mag}|MPP = {mpp}|ScanScope ID = SYNTHETIC|Filename = sample"
     )
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif:
-        opts = {**_compression(("jpeg", quality)), "photometric": photometric}
+        opts: dict[str, Any] = {**_compression(("jpeg", quality)), "photometric": photometric}
 
         def level(ds: int, desc: str) -> None:
             lw, lh = max(1, width // ds), max(1, height // ds)
@@ -153,7 +154,7 @@ def write_generic_tiff(
 ) -> Path:
     """A generic tiled pyramidal TIFF (one tiled page per level, like OpenSlide's
     generic-tiff reader expects), with resolution tags when ``mpp`` is given."""
-    res = {}
+    res: dict[str, Any] = {}
     if mpp:
         res = {"resolution": (10000 / mpp, 10000 / mpp), "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif:

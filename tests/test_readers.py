@@ -45,7 +45,8 @@ def _reference_region(
     osr: openslide.OpenSlide, level: int, l0: tuple[int, int], size: tuple[int, int]
 ) -> np.ndarray:
     tile = osr.read_region(l0, level, size)
-    bg = Image.new("RGB", tile.size, "#" + osr.properties.get("openslide.background-color", "ffffff"))
+    colour = "#" + osr.properties.get("openslide.background-color", "ffffff")
+    bg = Image.new("RGB", tile.size, colour)
     return np.asarray(Image.composite(tile, bg, tile)).astype(np.int16)
 
 

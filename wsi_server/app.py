@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from wsi_server import codecs
 from wsi_server.cache import MemoryCache, NullCache, TileCache
-from wsi_server.errors import BadRequest, SlideNotFound, WsiServerError, error_body
+from wsi_server.errors import BadRequest, NotFound, SlideNotFound, WsiServerError, error_body
 from wsi_server.geometry import GeometryParams, dzi_xml
 from wsi_server.library import Library, SlideEntry
 from wsi_server.metrics import Metrics
@@ -185,8 +185,8 @@ def create_app(
 
     async def associated(request: Request) -> Response:
         name = str(request.path_params["name"])
-        if name in hidden:
-            raise BadRequest("associated images of this kind are hidden by the server")
+        if name in hidden:  # as if absent: the server withholds them
+            raise NotFound("the slide has no associated image of this name")
         data, etag = await service.associated(slide_id_of(request), name)
         return _image(request, data, etag, PRIVATE)
 
@@ -293,7 +293,9 @@ def _visible_properties(props: dict[str, str], hidden: set[str]) -> dict[str, st
     if not hidden:
         return props
     # Label text and barcodes can be copied into properties by some vendors.
-    return {k: v for k, v in props.items() if "barcode" not in k.lower() and "label" not in k.lower()}
+    return {
+        k: v for k, v in props.items() if "barcode" not in k.lower() and "label" not in k.lower()
+    }
 
 
 def _image(request: Request, data: bytes, etag: str, cache_control: str) -> Response:

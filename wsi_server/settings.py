@@ -162,7 +162,9 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f in fields():
         flag = "PATH ..." if f.name == "paths" else flag_name(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         rows.append(f"| `{flag}` | `{env_name(f.name)}` | `{default!r}` | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -32,6 +32,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Formats some backend reads: a file of this kind that no backend accepts is damaged.
+READABLE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
+     ".dcm", ".zarr"}
+)
+
 
 class ReaderRegistry:
     def __init__(self, backends: Sequence[ReaderBackend]) -> None:
@@ -52,7 +58,14 @@ class ReaderRegistry:
                 log.warning("backend %s failed on %s: %r", backend.name, path.name, exc)
                 if first_error is None:
                     first_error = UnreadableSlide(f"{backend.name} could not read the slide")
-        raise first_error or UnsupportedSlide("no reader supports this file format")
+        if first_error is not None:
+            raise first_error
+        if path.suffix.lower() in READABLE_SUFFIXES:
+            raise UnreadableSlide(
+                "the file has a supported slide format's name but cannot be read "
+                "(truncated, corrupt or still being written?)"
+            )
+        raise UnsupportedSlide("no reader supports this file format")
 
     def backend_named(self, name: str) -> ReaderBackend:
         for backend in self.backends:

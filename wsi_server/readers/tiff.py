@@ -128,14 +128,16 @@ class TiffReader:
         self, fmt: str
     ) -> tuple[SlideMetadata, list[_Level], dict[str, tifffile.TiffPage]]:
         tif = self._tif
-        pages = list(tif.pages)
+        pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
+        if not pages:
+            raise UnsupportedSlide("no TIFF pages")
         associated: dict[str, tifffile.TiffPage] = {}
         props: dict[str, str] = {}
         if tif.is_ome:
             level_pages = [lv.keyframe for lv in tif.series[0].levels]
             fmt = "ome-tiff"
         else:
-            level_pages = [p for p in pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
+            level_pages = [p for p in pages if p.is_tiled]
             level_pages.sort(key=lambda p: -int(p.imagewidth))
         if not level_pages:
             raise UnsupportedSlide("no tiled levels")
@@ -152,7 +154,7 @@ class TiffReader:
             mpp = (m, m) if m else None
             objective = _float(props.get("aperio.AppMag"))
             for i, page in enumerate(pages[1:], start=1):
-                if not isinstance(page, tifffile.TiffPage) or page.is_tiled:
+                if page.is_tiled:
                     continue
                 text = (page.description or "").lower()
                 if i == 1:
