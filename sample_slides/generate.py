@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import tifffile
 
@@ -62,6 +63,24 @@ def _tiles(
             yield out
 
 
+def _j2k_tiles(tiles: Iterator[np.ndarray], ycbcr: bool) -> Iterator[bytes]:
+    """Encode tiles as JPEG 2000 codestreams, in YCbCr (BT.601, full range) or RGB."""
+    for t in tiles:
+        if ycbcr:
+            f = t.astype(np.float32)
+            r, g, b = f[..., 0], f[..., 1], f[..., 2]
+            ycc = np.stack(
+                (
+                    0.299 * r + 0.587 * g + 0.114 * b,
+                    128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+                    128 + 0.5 * r - 0.418688 * g - 0.081312 * b,
+                ),
+                axis=-1,
+            )
+            t = np.clip(np.rint(ycc), 0, 255).astype(np.uint8)
+        yield bytes(imagecodecs.jpeg2k_encode(np.ascontiguousarray(t), level=0, codecformat="J2K"))
+
+
 def _compression(spec: str | tuple[str, int]) -> dict[str, Any]:
     if isinstance(spec, tuple):
         return {"compression": spec[0], "compressionargs": {"level": spec[1]}}
@@ -86,9 +105,13 @@ def write_svs_like(
     photometric: str = "rgb",
     seed: int = 0,
     associated: bool = True,
+    codec: str = "jpeg",
 ) -> Path:
     """An Aperio-style SVS: tiled JPEG levels (RGB-encoded like Aperio by default), a
-    stripped thumbnail as the second page, then label (LZW) and macro (JPEG)."""
+    stripped thumbnail as the second page, then label (LZW) and macro (JPEG).
+
+    ``codec="j2k-ycbcr"`` or ``"j2k-rgb"`` writes the levels as Aperio's JPEG 2000
+    (TIFF compression 33003 with YCbCr components, or 33005 with RGB ones)."""
     mag = 40 if mpp <= 0.3 else 20
     desc0 = (
         f"Aperio Image Library v12.0.15 \r\n{width}x{height} ({tile}x{tile}) JPEG/RGB "
@@ -99,14 +122,22 @@ def write_svs_like(
 
         def level(ds: int, desc: str) -> None:
             lw, lh = max(1, width // ds), max(1, height // ds)
+            tiles: Iterator[Any] = _tiles(lw, lh, tile, width / lw if ds > 1 else 1.0, seed)
+            level_opts = opts
+            if codec != "jpeg":
+                tiles = _j2k_tiles(tiles, ycbcr=codec == "j2k-ycbcr")
+                level_opts = {
+                    "compression": 33003 if codec == "j2k-ycbcr" else 33005,
+                    "photometric": "rgb",
+                }
             tif.write(
-                _tiles(lw, lh, tile, width / lw if ds > 1 else 1.0, seed),
+                tiles,
                 shape=(lh, lw, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 description=desc,
                 metadata=None,
-                **opts,
+                **level_opts,
             )
 
         level(downsamples[0], desc0)

@@ -42,6 +42,10 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_svs_like(
         d / "aperio-ycbcr.svs", 1333, 777, tile=240, downsamples=(1, 4), photometric="ycbcr"
     )
+    write_svs_like(d / "aperio-j2k-ycbcr.svs", 1100, 900, tile=256, downsamples=(1, 4),
+                   codec="j2k-ycbcr")
+    write_svs_like(d / "aperio-j2k-rgb.svs", 700, 500, tile=256, downsamples=(1,),
+                   codec="j2k-rgb", associated=False)
     write_generic_tiff(d / "generic.tiff", 2000, 1500)
     write_generic_tiff(
         d / "odd.tiff", 1001, 517, tile=128, downsamples=(1, 3), compression="zlib",

@@ -18,7 +18,10 @@ from tests.conftest import real_slide
 from wsi_server.geometry import native_tile_size
 from wsi_server.readers.openslide_backend import openslide_target
 
-SLIDES = ["real:svs", "real:ndpi", "real:dicom", "aperio-rgb", "aperio-ycbcr", "generic", "odd"]
+SLIDES = [
+    "real:svs", "real:ndpi", "real:dicom", "aperio-rgb", "aperio-ycbcr", "aperio-j2k-ycbcr",
+    "generic", "odd",
+]
 
 
 def _path(name: str, synthetic_slides: dict[str, Path]) -> Path:

@@ -69,6 +69,16 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img)
 
 
+def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 YCbCr to RGB, as OpenSlide converts Aperio's YCbCr JPEG 2000."""
+    ycc = pixels.astype(np.float32)
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 128.0, ycc[..., 2] - 128.0
+    rgb = np.stack(
+        (y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb), axis=-1
+    )
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
     """Bring grey, grey+alpha, RGBA or 16-bit pixels to RGB ``uint8``."""
     if pixels.dtype != np.uint8:

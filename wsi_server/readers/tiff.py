@@ -28,7 +28,9 @@ from wsi_server.geometry import level_downsamples
 from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
 
 _JPEG = 7
-_SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32946, 50000, 34925}  # none, LZW, JPEG, deflate, zstd, lzma
+# none, LZW, JPEG, deflate (2), zstd, lzma, Aperio JPEG 2000 (YCbCr, RGB)
+_SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32946, 50000, 34925, 33003, 33005}
+_APERIO_J2K_YCBCR = 33003
 _RGB = 2
 _YCBCR = 6
 _DECODED_CACHE_BYTES = 24 * 2**20
@@ -234,6 +236,8 @@ class TiffReader:
             else:
                 decoded: Any = lv.decode(data, key[1], jpegtables=lv.jpegtables)[0]
                 arr = codecs.to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+                if lv.compression == _APERIO_J2K_YCBCR:
+                    arr = codecs.ycbcr_to_rgb(arr)
         except (ValueError, RuntimeError, OSError) as exc:
             raise UnreadableSlide(f"a stored tile cannot be decoded ({exc})") from exc
         self._decoded.put(key, arr)
