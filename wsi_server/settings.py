@@ -1,7 +1,7 @@
 """Typed, immutable settings built from CLI flags and ``WSI_*`` environment variables.
 
 Each field is documented once, here; ``--help`` and the README's configuration table are
-generated from the same metadata (``python -m wsi_server.settings`` prints the table).
+generated from the same metadata (``python -m wsi_server.settings --update-readme``).
 Precedence: command-line flag, then environment variable, then the default.
 """
 
@@ -169,5 +169,19 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def update_readme(path: Path) -> None:
+    """Rewrite the configuration table between the README's settings-table markers."""
+    text = path.read_text()
+    start = text.index("<!-- settings-table")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- /settings-table -->")
+    path.write_text(text[:start] + markdown_table() + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if sys.argv[1:] == ["--update-readme"]:
+        update_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(markdown_table())
