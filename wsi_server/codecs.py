@@ -69,6 +69,16 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img)
 
 
+def fill(pixels: np.ndarray, rgb: tuple[int, int, int]) -> None:
+    """Fill an (h, w, 3) array with one colour (fast: numpy broadcasts a 3-vector slowly)."""
+    if rgb[0] == rgb[1] == rgb[2]:
+        pixels.fill(rgb[0])
+    elif pixels.size:
+        row = np.empty((1, pixels.shape[1], 3), np.uint8)
+        row[0, :] = rgb
+        pixels[...] = row
+
+
 def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
     """Full-range BT.601 YCbCr to RGB, as OpenSlide converts Aperio's YCbCr JPEG 2000."""
     ycc = pixels.astype(np.float32)

@@ -31,7 +31,7 @@ from wsi_server.geometry import (
 )
 from wsi_server.library import Library, SlideEntry
 from wsi_server.metrics import Metrics
-from wsi_server.readers import SlideReader
+from wsi_server.readers import SlideMetadata, SlideReader
 
 GeometryKind = Literal["default", "native"]
 FORMATS = ("jpeg", "png")
@@ -91,6 +91,21 @@ def render_region(
     return codecs.encode(codecs.resize(pixels, region.out_size), fmt, quality)
 
 
+def passthrough_levels(meta: SlideMetadata, geom: DeepZoomGeometry) -> dict[int, int]:
+    """Deep Zoom levels whose tiles are exactly the stored tiles of a slide level (same
+    pixel grid, same tile size, no overlap), mapped to that slide level."""
+    if geom.overlap != 0 or geom.l0_offset != (0, 0):
+        return {}
+    out = {}
+    for dz_level, slide_level in enumerate(geom.slide_from_dz_level):
+        info = meta.levels[slide_level]
+        if info.tile_size == (geom.tile_size, geom.tile_size) and geom.z_dimensions[
+            dz_level
+        ] == (info.width, info.height):
+            out[dz_level] = slide_level
+    return out
+
+
 class TileService:
     def __init__(
         self,
@@ -108,7 +123,10 @@ class TileService:
         self.jpeg_quality = jpeg_quality
         self.metrics = metrics or Metrics()
         self._geometries: dict[tuple[str, GeometryParams], DeepZoomGeometry] = {}
+        self._passthrough: dict[tuple[str, GeometryParams], dict[int, int]] = {}
         self._in_flight: dict[str, asyncio.Future[Tile]] = {}
+        self._cache_hit = self.metrics.cache_requests.labels(cache.name, "hit")
+        self._cache_miss = self.metrics.cache_requests.labels(cache.name, "miss")
 
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -137,6 +155,8 @@ class TileService:
             geom = deep_zoom(entry.metadata.pyramid(), params)
             if len(self._geometries) > 4096:
                 self._geometries.clear()
+                self._passthrough.clear()
+            self._passthrough[key] = passthrough_levels(entry.metadata, geom)
             self._geometries[key] = geom
         return geom
 
@@ -159,7 +179,7 @@ class TileService:
     async def fetch(self, ref: TileRef) -> Tile:
         start = time.perf_counter()
         data = await self.cache.get(ref.key)
-        self.metrics.cache_requests.labels(self.cache.name, "miss" if data is None else "hit").inc()
+        (self._cache_miss if data is None else self._cache_hit).inc()
         if data is not None:
             tile = Tile(data, codecs.MEDIA_TYPES[ref.fmt], self.cache.name)
         else:
@@ -186,24 +206,17 @@ class TileService:
     ) -> Tile:
         return await self.fetch(await self.locate(slide_id, kind, level, col, row, fmt))
 
-    def _passthrough_ok(self, ref: TileRef, region: TileRegion, reader: SlideReader) -> bool:
-        geom = ref.geometry
-        if ref.fmt != "jpeg" or geom.overlap != 0 or geom.l0_offset != (0, 0):
-            return False
-        info = reader.metadata.levels[region.slide_level]
-        return (
-            info.tile_size == (geom.tile_size, geom.tile_size)
-            and geom.z_dimensions[ref.level] == (info.width, info.height)
-        )
-
     async def _produce(self, ref: TileRef) -> Tile:
         reader = self.library.reader(ref.entry)
-        region = ref.geometry.tile_region(ref.level, ref.col, ref.row)
-        if self._passthrough_ok(ref, region, reader):
+        stored_level = self._passthrough.get((ref.entry.fingerprint, ref.geometry.params), {}).get(
+            ref.level
+        )
+        if stored_level is not None and ref.fmt == "jpeg":
             # One pread of a few kB from the page cache: cheaper inline than a thread hop.
-            raw = reader.read_raw_tile(region.slide_level, ref.col, ref.row)
+            raw = reader.read_raw_tile(stored_level, ref.col, ref.row)
             if raw is not None:
                 return Tile(raw.data, raw.media_type, "passthrough")
+        region = ref.geometry.tile_region(ref.level, ref.col, ref.row)
         self.metrics.renders_in_flight.inc()
         try:
             data = await self.run(render_region, reader, region, ref.fmt, self.jpeg_quality)
