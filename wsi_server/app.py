@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,11 +26,12 @@ from wsi_server.cache import MemoryCache, NullCache, TileCache
 from wsi_server.errors import BadRequest, NotFound, SlideNotFound, WsiServerError, error_body
 from wsi_server.geometry import GeometryParams, dzi_xml
 from wsi_server.library import Library, SlideEntry
-from wsi_server.metrics import Metrics
+from wsi_server.metrics import Metrics, ServerTimingMiddleware, server_timing
 from wsi_server.pool import ReaderPool
 from wsi_server.readers import ReaderRegistry, default_registry
 from wsi_server.settings import Settings
 from wsi_server.tiles import GeometryKind, TileService
+from wsi_server.warm import DEFAULT_WARM_LEVELS, warm
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,10 @@ def create_app(
             headers = {"ETag": ref.etag, "Cache-Control": IMMUTABLE if versioned else REVALIDATE}
             if ref.etag in request.headers.get("if-none-match", ""):
                 return Response(status_code=304, headers=headers)
+            started = time.perf_counter()
             tile = await service.fetch(ref)
             headers["X-Tile-Source"] = tile.source
+            headers["Server-Timing"] = server_timing(tile.source, time.perf_counter() - started)
             return Response(tile.data, media_type=tile.media_type, headers=headers)
 
         return handler
@@ -195,14 +199,28 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         cache_ok = await tile_cache.ping()
-        ready = library.loaded and cache_ok
+        # A cache that cannot be reached only makes serving slower (faults are misses):
+        # degraded but ready, unless --require-redis says it must be there.
+        ready = library.loaded and (cache_ok or not settings.require_redis)
+        status = "not_ready" if not ready else "ready" if cache_ok else "degraded"
+        cache_body: dict[str, Any] = {"backend": tile_cache.name, "reachable": cache_ok}
+        if not cache_ok:
+            cache_body["reason"] = "the shared tile cache (Redis) does not answer; tiles are " \
+                "served without it"
         body = {
-            "status": "ready" if ready else "not_ready",
+            "status": status,
             "library_loaded": library.loaded,
             "slides": len(library.entries()),
-            "cache": {"backend": tile_cache.name, "reachable": cache_ok},
+            "cache": cache_body,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def warm_route(request: Request) -> Response:
+        raw = request.query_params.get("levels", str(DEFAULT_WARM_LEVELS))
+        if not raw.isdigit() or not 1 <= int(raw) <= 40:
+            raise BadRequest("levels must be an integer between 1 and 40")
+        report = await warm(service, slide_id_of(request), int(raw), concurrency=threads * 2)
+        return JSONResponse(report.as_dict())
 
     async def metrics_route(request: Request) -> Response:
         metrics.open_slides.set(len(pool))
@@ -257,9 +275,13 @@ def create_app(
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_route),
+        Route("/api/slides/{slide_id}/warm", warm_route, methods=["POST"]),
     ]
     routes += _viewer_routes(settings)
-    middleware = [Middleware(GZipMiddleware, minimum_size=1024)]
+    middleware = [
+        Middleware(ServerTimingMiddleware),
+        Middleware(GZipMiddleware, minimum_size=1024),
+    ]
     if settings.cors_origins:
         middleware.insert(
             0,

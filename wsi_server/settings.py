@@ -42,10 +42,26 @@ class Settings:
         default=False,
     )
     cache_size: int = _opt(
-        "In-process tile cache size in MB (0 disables it).", default=256
+        "In-process tile cache size in MB (0 disables it); with Redis, the front tier.",
+        default=256,
     )
     redis_url: str | None = _opt(
         "Redis URL for a tile cache shared by every worker and replica.", default=None
+    )
+    # -- Redis tier (issue 3) --
+    cache_ttl: int = _opt(
+        "Seconds a tile stays in Redis (0: until Redis evicts it).", default=7 * 86400
+    )
+    cache_item_max: int = _opt(
+        "Largest item either cache tier stores, in KB (bigger ones are not cached).",
+        default=2048,
+    )
+    redis_timeout: float = _opt(
+        "Seconds a Redis command may take before it counts as a miss.", default=0.05
+    )
+    require_redis: bool = _opt(
+        "Report not ready (503 on /readyz) while Redis is unreachable, instead of degraded.",
+        default=False,
     )
     cors_origins: tuple[str, ...] = _opt(
         "Origins allowed by CORS (comma separated in the environment; '*' for any).",
@@ -156,6 +172,8 @@ def validate(s: Settings) -> None:
         raise ValueError("tile_size must be >= 1 and overlap >= 0")
     if s.cache_size < 0 or s.pool_size < 1 or s.workers < 1:
         raise ValueError("cache_size must be >= 0, pool_size and workers >= 1")
+    if s.cache_ttl < 0 or s.cache_item_max < 1 or s.redis_timeout <= 0:
+        raise ValueError("cache_ttl must be >= 0, cache_item_max and redis_timeout > 0")
 
 
 def markdown_table() -> str:
