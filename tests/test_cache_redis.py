@@ -4,6 +4,7 @@ never fail a tile."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -246,3 +247,25 @@ def test_full_redis_is_a_miss_and_reads_continue(
         assert client.get(stored).headers["x-tile-source"] == "redis"
     finally:
         r.config_set("maxmemory", "0")
+
+
+def test_warm_command_fills_the_cache_the_server_reads(
+    make_client: Any, library: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsi_server.cli import main
+
+    slide = library / "slide.svs"
+    assert main(["warm", str(slide), "--levels", "9", "--redis-url", redis_url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    client = make_client(paths=(library,), redis_url=redis_url)
+    sid = _sid(client)
+    urls = _tile_urls(client, sid, "default", 9) + _tile_urls(client, sid, "native", 9)
+    assert report["slide"] == sid and report["tiles"] == len(urls)
+    assert {client.get(u).headers["x-tile-source"] for u in urls} == {"redis"}
+    # by id under the library, and refusals
+    assert main(["warm", sid, "--library", str(library), "--redis-url", redis_url,
+                 "--levels", "9"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"] == {"redis": len(urls)}
+    assert main(["warm", "no-such-id", "--library", str(library), "--redis-url",
+                 redis_url]) == 1
+    assert main(["warm", str(slide)]) == 2

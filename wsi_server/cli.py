@@ -99,6 +99,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+WARM_SETTINGS = [
+    "redis_url", "tile_size", "overlap", "limit_bounds", "jpeg_quality", "cache_ttl",
+    "cache_item_max", "redis_timeout", "render_threads",
+]
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from wsi_server.warm import run_cli
+
+    s = settings_mod.from_sources(args)
+    if args.library:
+        s = s.replace(paths=tuple(args.library))
+    return run_cli(s.replace(cache_size=0), args.target, args.levels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-server",
@@ -114,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("slide", help="slide file, or DICOM-WSI folder")
     info.set_defaults(func=cmd_info)
     # -- more commands register below (convert, ingest, warm) --
+
+    warm = sub.add_parser(
+        "warm", help="render a slide's coarsest Deep Zoom levels into the shared (Redis) cache"
+    )
+    warm.add_argument("target", metavar="SLIDE_OR_ID",
+                      help="slide path, or slide id of a slide under --library")
+    warm.add_argument("--levels", type=int, default=12, metavar="K",
+                      help="how many of the coarsest DZ levels to render, in both geometries "
+                      "(default 12: up to 2048 px)")
+    warm.add_argument("--library", action="append", type=Path, default=[], metavar="PATH",
+                      help="library folder the servers serve (for a slide id) [env WSI_PATHS]")
+    settings_mod.add_arguments(warm, WARM_SETTINGS)
+    warm.set_defaults(func=cmd_warm)
     return parser
 
 

@@ -11,10 +11,13 @@ import asyncio
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wsi_server.errors import BadRequest
+from wsi_server.errors import BadRequest, WsiServerError
 from wsi_server.tiles import GeometryKind, TileService
+
+if TYPE_CHECKING:
+    from wsi_server.settings import Settings
 
 KINDS: tuple[GeometryKind, ...] = ("default", "native")
 MAX_WARM_TILES = 50_000
@@ -79,3 +82,69 @@ async def warm(
     report.tiles = len(work)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
+
+
+# -- command line: ``wsi-server warm`` ------------------------------------------------
+def run_cli(settings: Settings, target: str, levels: int) -> int:
+    """Warm one slide, given as a path or as an id under the library paths; print the
+    report as JSON. Needs Redis: a process-local cache would end with this command."""
+    import json
+    import os
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from wsi_server.app import build_cache
+    from wsi_server.geometry import GeometryParams
+    from wsi_server.library import Library
+    from wsi_server.pool import ReaderPool
+    from wsi_server.readers import default_registry
+
+    if not settings.redis_url:
+        print("wsi-server warm: give --redis-url (or WSI_REDIS_URL): the tiles go to the "
+              "Redis cache the servers share", file=sys.stderr)
+        return 2
+    path = Path(target)
+    roots = (path,) if path.exists() else settings.paths
+    if not roots:
+        print(f"wsi-server warm: {target!r} is neither a slide path nor, without --library, "
+              "a slide id", file=sys.stderr)
+        return 2
+    library = Library(roots, ReaderPool(default_registry(), 4))
+    library.scan()
+    if path.exists():
+        entries = library.entries()
+        if len(entries) != 1:
+            print(f"wsi-server warm: {target} holds {len(entries)} slides; give one",
+                  file=sys.stderr)
+            return 2
+        slide_id = entries[0].id
+    else:
+        slide_id = target
+    threads = settings.render_threads or os.cpu_count() or 2
+
+    async def main() -> int:
+        cache = build_cache(settings)
+        executor = ThreadPoolExecutor(threads, thread_name_prefix="wsi-warm")
+        try:
+            if not await cache.ping():
+                print(f"wsi-server warm: Redis at {settings.redis_url} does not answer",
+                      file=sys.stderr)
+                return 1
+            service = TileService(
+                library, cache, executor,
+                GeometryParams(settings.tile_size, settings.overlap, settings.limit_bounds),
+                settings.jpeg_quality,
+            )
+            report = await warm(service, slide_id, levels, concurrency=threads * 2)
+        finally:
+            await cache.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+        print(json.dumps(report.as_dict()))
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except WsiServerError as exc:
+        print(json.dumps({"error": exc.code, "detail": exc.detail}), file=sys.stderr)
+        return 1
