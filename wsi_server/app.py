@@ -248,11 +248,16 @@ def create_app(
             status_code=500,
         )
 
+    from wsi_server.ingest import IngestHook  # issue 6: GET /api/ingest, pipeline in lifespan
+
+    ingest = IngestHook(settings, library)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(executor, library.scan)
         rescanner = None
+        await loop.run_in_executor(None, ingest.start)  # issue 6: no-op unless --ingest
         if settings.rescan_seconds > 0:
             rescanner = asyncio.create_task(_rescan(library, executor, settings.rescan_seconds))
         try:
@@ -260,6 +265,7 @@ def create_app(
         finally:
             if rescanner is not None:
                 rescanner.cancel()
+            await loop.run_in_executor(None, ingest.stop)
             await tile_cache.close()
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -278,6 +284,7 @@ def create_app(
         Route("/api/slides/{slide_id}/warm", warm_route, methods=["POST"]),
     ]
     routes += _viewer_routes(settings)
+    routes += ingest.routes()
     middleware = [
         Middleware(ServerTimingMiddleware),
         Middleware(GZipMiddleware, minimum_size=1024),
@@ -308,6 +315,7 @@ def create_app(
     app.state.cache = tile_cache
     app.state.metrics = metrics
     app.state.pool = pool
+    app.state.ingest = ingest
     return app
 
 

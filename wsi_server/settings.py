@@ -76,6 +76,28 @@ class Settings:
         default=30.0,
     )
     ingest: Path | None = _opt("Watch folder of the ingest pipeline.", default=None)
+    ingest_settle_seconds: float = _opt(
+        "Seconds a scan's files must keep their size and mtime before ingest takes it.",
+        default=10.0,
+    )
+    ingest_quarantine: Path | None = _opt(
+        "Folder for scans that fail validation (default: WATCH/quarantine).", default=None
+    )
+    ingest_urgent_dir: str = _opt(
+        "Subfolder of the watch folder whose scans are ingested first.", default="urgent"
+    )
+    ingest_poll: bool = _opt(
+        "Ingest by polling only, without filesystem events (network filesystems).",
+        default=False,
+    )
+    ingest_validate_timeout: float = _opt(
+        "Seconds the isolated validator may spend on one scan before it is killed.",
+        default=120.0,
+    )
+    ingest_convert: bool = _opt(
+        "Convert each ingested slide to a zarr pyramid (when the converter is installed).",
+        default=False,
+    )
     hide_associated: bool = _opt(
         "Withhold label and macro images (they often carry patient identifiers).",
         default=False,
