@@ -1,0 +1,33 @@
+# wsi-server image: multi-stage, non-root, configured by WSI_* variables.
+#   docker build -t wsi-server .
+#   docker run -p 8000:8000 -v /path/to/slides:/slides:ro -e WSI_REDIS_URL=redis://redis:6379/0 wsi-server
+# Every `wsi-server serve` flag has a WSI_* variable (see the README's configuration table).
+
+# -- build: install the package and its dependencies into a self-contained venv ----------
+FROM python:3.12-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/wsi
+COPY pyproject.toml README.md /src/
+COPY wsi_server /src/wsi_server
+RUN /opt/wsi/bin/pip install /src
+
+# -- runtime: the venv only, run by an unprivileged user --------------------------------
+FROM python:3.12-slim AS runtime
+RUN groupadd --system --gid 10001 wsi \
+ && useradd --system --uid 10001 --gid wsi --home-dir /home/wsi --create-home wsi
+COPY --from=build /opt/wsi /opt/wsi
+ENV PATH=/opt/wsi/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    WSI_PATHS=/slides \
+    WSI_HOST=0.0.0.0 \
+    WSI_PORT=8000 \
+    WSI_WORKERS=2 \
+    WSI_CACHE_SIZE=256
+USER wsi
+WORKDIR /home/wsi
+VOLUME ["/slides"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WSI_PORT', '8000'), timeout=2)"]
+ENTRYPOINT ["wsi-server"]
+CMD ["serve"]
