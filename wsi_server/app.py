@@ -30,7 +30,7 @@ from wsi_server.metrics import Metrics, ServerTimingMiddleware, server_timing
 from wsi_server.pool import ReaderPool
 from wsi_server.readers import ReaderRegistry, default_registry
 from wsi_server.settings import Settings
-from wsi_server.tiles import GeometryKind, TileService
+from wsi_server.tiles import GeometryKind, TileService, etag_for
 from wsi_server.warm import DEFAULT_WARM_LEVELS, warm
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,8 @@ def create_app(
         Route("/api/slides/{slide_id}/warm", warm_route, methods=["POST"]),
     ]
     routes += _viewer_routes(settings)
+    if settings.bench_routes:
+        routes += _bench_routes()
     routes += ingest.routes()
     middleware = [
         Middleware(ServerTimingMiddleware),
@@ -349,3 +351,23 @@ def _viewer_routes(settings: Settings) -> list[BaseRoute]:
     from wsi_server.viewer import viewer_routes
 
     return viewer_routes(settings)
+
+
+def _bench_routes() -> list[BaseRoute]:
+    """``GET /bench/bytes/{n}``: n bytes with the headers of a tile response and none of
+    its work, the ceiling that ``benchmarks/bench_http.py`` compares tiles against."""
+    payload = bytes(range(256)) * (2**22 // 256)
+    headers = {
+        "ETag": etag_for("bench"),
+        "Cache-Control": REVALIDATE,
+        "X-Tile-Source": "memory",
+        "Server-Timing": server_timing("memory", 0.0),
+    }
+
+    async def bench_bytes(request: Request) -> Response:
+        raw = str(request.path_params["n"])
+        if not raw.isdigit() or int(raw) > len(payload):
+            raise BadRequest(f"n must be an integer from 0 to {len(payload)}")
+        return Response(payload[: int(raw)], media_type=codecs.JPEG, headers=headers)
+
+    return [Route("/bench/bytes/{n}", bench_bytes)]

@@ -103,6 +103,10 @@ class Settings:
         default=False,
     )
     log_level: str = _opt("Logging level.", default="info")
+    bench_routes: bool = _opt(
+        "Mount benchmark-only routes (/bench/bytes/{n}). Never enable in production.",
+        default=False,
+    )
 
     @property
     def env_prefix(self) -> str:
