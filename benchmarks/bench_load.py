@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, free_port, http_get, machine, markdown_table
+from benchmarks.common import ROOT, bench_slide, free_port, http_get, machine, markdown_table
 
-SLIDE = ROOT / "sample_slides" / "synthetic-aperio.svs"
 CONCURRENCY = (1, 8, 32)
 WRK_SCRIPT = r"""
 local paths = {}
@@ -205,9 +204,10 @@ def wrk(base: str, paths_file: Path, script: Path, connections: int, seconds: fl
                 r["errors"] + r["non2xx"])
 
 
-def tile_paths(base: str) -> list[str]:
-    """Every tile of the default geometry of every slide the server lists."""
-    out = []
+def tile_paths(base: str, max_per_slide: int = 100_000) -> list[str]:
+    """Every tile of the coarsest default-geometry levels of every slide the server lists,
+    whole levels, at most ``max_per_slide`` per slide."""
+    out: list[str] = []
     for s in json.loads(http_get(base + "/api/slides")[1])["slides"]:
         xml = http_get(f"{base}/slides/{s['id']}.dzi")[1].decode()
         w, h, size = (int(re.search(rf'{k}="(\d+)"', xml).group(1))  # type: ignore[union-attr]
@@ -215,9 +215,14 @@ def tile_paths(base: str) -> list[str]:
         dims = [(w, h)]
         while dims[-1] != (1, 1):
             dims.append(((dims[-1][0] + 1) // 2, (dims[-1][1] + 1) // 2))
+        taken = 0
         for level, (lw, lh) in enumerate(reversed(dims)):
+            cols, rows = -(-lw // size), -(-lh // size)
+            if taken + cols * rows > max_per_slide:
+                break
+            taken += cols * rows
             out += [f"/slides/{s['id']}_files/{level}/{c}_{r}.jpeg"
-                    for r in range(-(-lh // size)) for c in range(-(-lw // size))]
+                    for r in range(rows) for c in range(cols)]
     return out
 
 
@@ -233,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="wrk duration per cell")
     ap.add_argument("--soak", action="store_true", help="also run the 60 s memory soak")
     ap.add_argument("--soak-seconds", type=float, default=60.0)
+    ap.add_argument("--tiles", type=int, default=1000,
+                    help="tiles in rotation: whole coarsest levels, at most this many")
+    ap.add_argument("--only", default="", help="run only configurations whose name has this")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (./dev bench installs it)")
@@ -241,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_s)
         lib = tmp / "lib"
         lib.mkdir()
-        shutil.copy(SLIDE, lib / SLIDE.name)
+        slide = bench_slide()
+        os.symlink(slide, lib / slide.name)
         script = tmp / "rotate.lua"
         script.write_text(WRK_SCRIPT)
         # Fetch every tile once from a plain server: the ceiling serves these bytes.
@@ -249,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceiling_dir.mkdir()
         (ceiling_dir / "0").write_bytes(b"")
         with server([lib], ceiling_dir, 1) as srv:
-            paths = tile_paths(srv.base)
+            paths = tile_paths(srv.base, args.tiles)
             for i, p in enumerate(paths):
                 (ceiling_dir / str(i)).write_bytes(http_get(srv.base + p)[1])
         tiles_file = tmp / "tiles.txt"
@@ -257,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceiling_file = tmp / "ceiling.txt"
         ceiling_file.write_text("\n".join(f"/bench/ceiling/{i}" for i in range(len(paths))) + "\n")
         mean_kb = sum(p.stat().st_size for p in ceiling_dir.iterdir()) / len(paths) / 1024
-        print(f"{len(paths)} tiles of {SLIDE.name}, mean {mean_kb:.1f} kB; "
+        print(f"{len(paths)} tiles of {slide.name}, mean {mean_kb:.1f} kB; "
               f"{args.seconds:g} s per cell; {machine()}", file=sys.stderr)
 
         rows: list[list[object]] = []
@@ -268,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("memory + redis", 2, {"cache_size": "256"}, True),
         ]
         for name, workers, settings, use_redis in configs:
+            if args.only not in name:
+                continue
             with _maybe_redis(use_redis) as url:
                 if url:
                     settings = {**settings, "redis_url": url}
@@ -290,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(HEADER, rows))
         if args.soak:
             print()
-            print(soak(tmp, lib / SLIDE.name, script, args.soak_seconds))
+            print(soak(tmp, slide, script, args.soak_seconds, args.tiles))
     return 0
 
 
@@ -307,15 +318,15 @@ def _maybe_redis(use: bool) -> Iterator[str | None]:
         yield url
 
 
-def soak(tmp: Path, slide: Path, script: Path, seconds: float) -> str:
+def soak(tmp: Path, slide: Path, script: Path, seconds: float, per_slide: int) -> str:
     lib = tmp / "soak"
     lib.mkdir()
-    for i in range(50):
-        shutil.copy(slide, lib / f"slide-{i:02d}.svs")
+    for i in range(50):  # symlinks: 50 slides (distinct paths, ids, readers), no copies
+        os.symlink(slide, lib / f"slide-{i:02d}.svs")
     ceiling_dir = tmp / "ceiling"
     samples: list[tuple[float, float]] = []
     with server([lib], ceiling_dir, 1, cache_size="256", pool_size="64") as srv:
-        paths = tile_paths(srv.base)
+        paths = tile_paths(srv.base, per_slide)
         random.Random(0).shuffle(paths)
         paths_file = tmp / "soak.txt"
         paths_file.write_text("\n".join(paths) + "\n")
