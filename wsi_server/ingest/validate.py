@@ -82,6 +82,11 @@ def check(path: Path) -> dict[str, Any]:
         raw = reader.read_raw_tile(0, 0, 0)
         if raw is not None and raw.media_type == codecs.JPEG:
             codecs.decode_jpeg(raw.data)
+        for name in meta.associated:
+            reader.associated_image(name)
+        truncated = _tiff_truncation(path)
+        if truncated:
+            return {"ok": False, "code": "unreadable_slide", "detail": truncated}
         return {
             "ok": True, "code": "ok", "detail": "",
             "info": {"backend": type(reader).__name__, "format": meta.format,
@@ -95,6 +100,26 @@ def check(path: Path) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             reader.close()
+
+
+def _tiff_truncation(path: Path) -> str | None:
+    """For a TIFF-family file: does any stored strip or tile end past the end of the file?"""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return None
+    import tifffile
+
+    size = path.stat().st_size
+    with tifffile.TiffFile(path) as tif:
+        for index, page in enumerate(tif.pages):
+            offsets = getattr(page, "dataoffsets", ())
+            counts = getattr(page, "databytecounts", ())
+            if any(o + n > size for o, n in zip(offsets, counts, strict=False)):
+                return f"the file is truncated: image {index} ends past the end of the file"
+    return None
 
 
 def _worker() -> int:
