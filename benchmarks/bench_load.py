@@ -226,11 +226,15 @@ def tile_paths(base: str, max_per_slide: int = 100_000) -> list[str]:
     return out
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(RSS, anonymous part of it) in MB. The rest is file pages mapped by the readers,
+    which the kernel can drop and which count once per mapping."""
+    kb = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            kb[name] = int(value.split()[0])
+    return kb.get("VmRSS", 0) / 1024, kb.get("RssAnon", 0) / 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,7 +328,7 @@ def soak(tmp: Path, slide: Path, script: Path, seconds: float, per_slide: int) -
     for i in range(50):  # symlinks: 50 slides (distinct paths, ids, readers), no copies
         os.symlink(slide, lib / f"slide-{i:02d}.svs")
     ceiling_dir = tmp / "ceiling"
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, tuple[float, float]]] = []
     with server([lib], ceiling_dir, 1, cache_size="256", pool_size="64") as srv:
         paths = tile_paths(srv.base, per_slide)
         random.Random(0).shuffle(paths)
@@ -347,12 +351,12 @@ def soak(tmp: Path, slide: Path, script: Path, seconds: float, per_slide: int) -
         samples.append((time.monotonic() - start, rss_mb(pid)))
         metrics = http_get(srv.base + "/metrics")[1].decode()
     open_slides = re.search(r"^wsi_open_slides (\S+)$", metrics, re.M)
-    curve = ", ".join(f"{t:.0f}s {mb:.0f}" for t, mb in samples)
+    curve = ", ".join(f"{t:.0f}s {mb[0]:.0f} ({mb[1]:.0f})" for t, mb in samples)
     return (
         f"Memory soak: 50 slides, 256 MB memory tier, wrk c=8 for {seconds:g} s over "
         f"{len(paths)} tiles: {load.per_s:.0f} tiles/s, p99 {load.p99_ms:.1f} ms, "
         f"{load.failed} failed; open slides {open_slides.group(1) if open_slides else '?'}; "
-        f"worker RSS MB: {curve}"
+        f"worker RSS MB (anonymous): {curve}"
     )
 
 
