@@ -253,3 +253,18 @@ def test_bad_files_raise_clear_errors(
             )
         except (UnreadableSlide, UnsupportedSlide):
             pass
+
+
+def test_decoded_tile_memory_is_one_budget_for_all_open_slides(
+    synthetic_slides: dict[str, Path],
+) -> None:
+    backend = TiffBackend(decoded_cache_bytes=2 * 2**20)
+    readers = [backend.open(synthetic_slides[n]) for n in ("aperio-rgb", "generic", "odd")]
+    for reader in readers * 2:
+        w, h = reader.metadata.width, reader.metadata.height
+        reader.read_region(0, 0, 0, w, h)
+    assert 0 < backend.decoded._bytes <= 2 * 2**20
+    # still correct after evictions: a re-read equals a read from a fresh backend
+    again = readers[0].read_region(0, 100, 100, 600, 400)
+    fresh = TiffBackend().open(synthetic_slides["aperio-rgb"]).read_region(0, 100, 100, 600, 400)
+    assert np.array_equal(again, fresh)

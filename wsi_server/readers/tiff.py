@@ -11,6 +11,7 @@ OpenSlide's rules for the same file, so both backends agree pixel for pixel.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
@@ -33,27 +34,35 @@ _SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32946, 50000, 34925, 33003, 33005}
 _APERIO_J2K_YCBCR = 33003
 _RGB = 2
 _YCBCR = 6
-_DECODED_CACHE_BYTES = 24 * 2**20
+DECODED_CACHE_BYTES = 64 * 2**20
+_DecodedKey = tuple[int, int, int, int]  # reader, level, tile index, scale factor
 
 
-class _DecodedTiles:
-    """Small byte-bounded LRU of decoded stored tiles: neighbouring Deep Zoom tiles of the
-    254/overlap-1 grid share stored tiles, so most are decoded once, not four times."""
+class DecodedTiles:
+    """Byte-bounded LRU of decoded stored tiles, one per backend and so shared by every open
+    slide (memory does not grow with the number of slides open). Neighbouring Deep Zoom
+    tiles of the 254/overlap-1 grid share stored tiles, so most are decoded once, not four
+    times."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[_DecodedKey, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._tokens = itertools.count()
 
-    def get(self, key: tuple[int, int, int]) -> np.ndarray | None:
+    def token(self) -> int:
+        """A key prefix of one's own for each reader."""
+        return next(self._tokens)
+
+    def get(self, key: _DecodedKey) -> np.ndarray | None:
         with self._lock:
             arr = self._items.get(key)
             if arr is not None:
                 self._items.move_to_end(key)
             return arr
 
-    def put(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
+    def put(self, key: _DecodedKey, arr: np.ndarray) -> None:
         with self._lock:
             if key in self._items:
                 return
@@ -113,7 +122,7 @@ def _float(value: str | None) -> float | None:
 class TiffReader:
     """An open SVS / generic TIFF / OME-TIFF slide."""
 
-    def __init__(self, path: Path, fmt: str) -> None:
+    def __init__(self, path: Path, fmt: str, decoded: DecodedTiles | None = None) -> None:
         self.path = path
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
@@ -123,7 +132,8 @@ class TiffReader:
         except Exception:
             self._tif.close()
             raise
-        self._decoded = _DecodedTiles(_DECODED_CACHE_BYTES)
+        self._decoded = decoded or DecodedTiles(DECODED_CACHE_BYTES // 4)
+        self._token = self._decoded.token()
 
     # -- opening ---------------------------------------------------------------
     def _inspect(
@@ -218,12 +228,13 @@ class TiffReader:
         return data
 
     def _decode_tile(self, level: int, col: int, row: int, factor: int) -> np.ndarray | None:
-        key = (level, row * self._levels[level].cols + col, factor)
+        index = row * self._levels[level].cols + col
+        key = (self._token, level, index, factor)
         cached = self._decoded.get(key)
         if cached is not None:
             return cached
         lv = self._levels[level]
-        data = self._raw(lv, key[1])
+        data = self._raw(lv, index)
         if not data:
             return None
         try:
@@ -234,7 +245,7 @@ class TiffReader:
                     (lv.tile_w, lv.tile_h),
                 )
             else:
-                decoded: Any = lv.decode(data, key[1], jpegtables=lv.jpegtables)[0]
+                decoded: Any = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
                 arr = codecs.to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
                 if lv.compression == _APERIO_J2K_YCBCR:
                     arr = codecs.ycbcr_to_rgb(arr)
@@ -329,6 +340,9 @@ class TiffBackend:
     name = "tifffile"
     priority = 10
 
+    def __init__(self, decoded_cache_bytes: int = DECODED_CACHE_BYTES) -> None:
+        self.decoded = DecodedTiles(decoded_cache_bytes)
+
     def can_open(self, path: Path) -> bool:
         if not path.is_file():
             return False
@@ -343,7 +357,7 @@ class TiffBackend:
     def open(self, path: Path) -> TiffReader:
         fmt = openslide.OpenSlide.detect_format(str(path)) or "generic-tiff"
         try:
-            return TiffReader(path, fmt)
+            return TiffReader(path, fmt, self.decoded)
         except (UnsupportedSlide, UnreadableSlide):
             raise
         except Exception as exc:
