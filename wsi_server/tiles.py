@@ -125,12 +125,7 @@ class TileService:
         self._geometries: dict[tuple[str, GeometryParams], DeepZoomGeometry] = {}
         self._passthrough: dict[tuple[str, GeometryParams], dict[int, int]] = {}
         self._in_flight: dict[str, asyncio.Future[Tile]] = {}
-        self._cache_hit = self.metrics.cache_requests.labels(cache.name, "hit")
-        self._cache_miss = self.metrics.cache_requests.labels(cache.name, "miss")
-        # A tiered cache says which tier hit (memory / redis) and counts per tier itself.
-        self._tiered_lookup = getattr(cache, "lookup", None)
-        if self._tiered_lookup is not None:
-            cache.bind_metrics(self.metrics)  # type: ignore[attr-defined]
+        cache.bind_metrics(self.metrics)
 
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -182,11 +177,7 @@ class TileService:
 
     async def fetch(self, ref: TileRef) -> Tile:
         start = time.perf_counter()
-        if self._tiered_lookup is not None:
-            data, source = await self._tiered_lookup(ref.key)
-        else:
-            data, source = await self.cache.get(ref.key), self.cache.name
-            (self._cache_miss if data is None else self._cache_hit).inc()
+        data, source = await self.cache.lookup(ref.key)
         if data is not None:
             tile = Tile(data, codecs.MEDIA_TYPES[ref.fmt], source)
         else:

@@ -6,9 +6,12 @@ count them, and log at most once per interval.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from wsi_server.cache.memory import MemoryCache
+
+if TYPE_CHECKING:
+    from wsi_server.metrics import Metrics
 
 __all__ = ["MemoryCache", "NullCache", "TileCache"]
 
@@ -16,6 +19,15 @@ __all__ = ["MemoryCache", "NullCache", "TileCache"]
 @runtime_checkable
 class TileCache(Protocol):
     name: str
+
+    async def lookup(self, key: str) -> tuple[bytes | None, str]:
+        """The cached bytes and the name of the tier that had them (``memory``,
+        ``redis``); ``(None, "")`` on a miss or any fault. The tile path uses this."""
+        ...
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        """Count hits, misses and faults per tier in the app's metrics."""
+        ...
 
     async def get(self, key: str) -> bytes | None:
         """The cached bytes, or None on a miss or any fault."""
@@ -36,6 +48,12 @@ class NullCache:
     """No caching (``--cache-size 0`` without Redis)."""
 
     name = "none"
+
+    async def lookup(self, key: str) -> tuple[bytes | None, str]:
+        return None, ""
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        return None
 
     async def get(self, key: str) -> bytes | None:
         return None

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsi_server.metrics import Metrics
 
 
 class MemoryCache:
@@ -17,6 +21,12 @@ class MemoryCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self._hit_counter: Any = None
+        self._miss_counter: Any = None
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        self._hit_counter = metrics.cache_requests.labels(self.name, "hit")
+        self._miss_counter = metrics.cache_requests.labels(self.name, "miss")
 
     @property
     def current_bytes(self) -> int:
@@ -48,6 +58,13 @@ class MemoryCache:
             while self._bytes > self.max_bytes and self._items:
                 k, v = self._items.popitem(last=False)
                 self._bytes -= len(v) + len(k)
+
+    async def lookup(self, key: str) -> tuple[bytes | None, str]:
+        value = self.get_sync(key)
+        counter = self._miss_counter if value is None else self._hit_counter
+        if counter is not None:
+            counter.inc()
+        return value, self.name
 
     async def get(self, key: str) -> bytes | None:
         return self.get_sync(key)

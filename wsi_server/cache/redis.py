@@ -91,6 +91,10 @@ class RedisCache:
         self._counters: dict[str, object] | None = None
 
     # -- metrics ---------------------------------------------------------------
+    async def lookup(self, key: str) -> tuple[bytes | None, str]:
+        value = await self.get(key)
+        return value, self.name if value is not None else ""
+
     def bind_metrics(self, metrics: Metrics) -> None:
         self._counters = {
             r: metrics.cache_requests.labels(self.name, r)

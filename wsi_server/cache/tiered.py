@@ -31,26 +31,19 @@ class TieredCache:
     def __init__(self, front: MemoryCache | None, back: BackTier) -> None:
         self.front = front
         self.back = back
-        self._front_hit: object | None = None
-        self._front_miss: object | None = None
 
     def bind_metrics(self, metrics: Metrics) -> None:
-        """Count lookups per tier (the tile path leaves the counting to this cache)."""
+        """Each tier counts its own lookups."""
         if self.front is not None:
-            self._front_hit = metrics.cache_requests.labels(self.front.name, "hit")
-            self._front_miss = metrics.cache_requests.labels(self.front.name, "miss")
+            self.front.bind_metrics(metrics)
         self.back.bind_metrics(metrics)
 
     async def lookup(self, key: str) -> tuple[bytes | None, str]:
         """The bytes and the name of the tier that had them (``""`` on a miss)."""
         if self.front is not None:
-            value = self.front.get_sync(key)
+            value, tier = await self.front.lookup(key)
             if value is not None:
-                if self._front_hit is not None:
-                    self._front_hit.inc()  # type: ignore[attr-defined]
-                return value, self.front.name
-            if self._front_miss is not None:
-                self._front_miss.inc()  # type: ignore[attr-defined]
+                return value, tier
         value = await self.back.get(key)
         if value is None:
             return None, ""
