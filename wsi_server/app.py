@@ -20,6 +20,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wsi_server import codecs
 from wsi_server.cache import MemoryCache, NullCache, TileCache
@@ -270,14 +271,15 @@ def create_app(
             executor.shutdown(wait=False, cancel_futures=True)
 
     routes: list[BaseRoute] = [
+        # tile routes first: the router tries routes in order, and tiles are most requests
+        Route("/slides/{slide_id}/native_files/{level}/{tile}", tile_handler("native")),
+        Route("/slides/{slide_id}_files/{level}/{tile}", tile_handler("default")),
+        Route("/slides/{slide_id}/native.dzi", dzi_handler("native")),
+        Route("/slides/{slide_id}.dzi", dzi_handler("default")),
         Route("/api/slides", list_slides),
         Route("/api/slides/{slide_id}", slide_detail),
         Route("/api/slides/{slide_id}/thumbnail", thumbnail),
         Route("/api/slides/{slide_id}/associated/{name}", associated),
-        Route("/slides/{slide_id}.dzi", dzi_handler("default")),
-        Route("/slides/{slide_id}_files/{level}/{tile}", tile_handler("default")),
-        Route("/slides/{slide_id}/native.dzi", dzi_handler("native")),
-        Route("/slides/{slide_id}/native_files/{level}/{tile}", tile_handler("native")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_route),
@@ -287,10 +289,7 @@ def create_app(
     if settings.bench_routes:
         routes += _bench_routes()
     routes += ingest.routes()
-    middleware = [
-        Middleware(ServerTimingMiddleware),
-        Middleware(GZipMiddleware, minimum_size=1024),
-    ]
+    middleware = [Middleware(ServerTimingMiddleware), Middleware(GzipExceptTiles)]
     if settings.cors_origins:
         middleware.insert(
             0,
@@ -319,6 +318,21 @@ def create_app(
     app.state.pool = pool
     app.state.ingest = ingest
     return app
+
+
+class GzipExceptTiles:
+    """gzip for JSON, HTML and scripts; tiles (already compressed images) skip the
+    middleware entirely, which keeps per-request work off the hot path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(app, minimum_size=1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/slides/"):
+            await self.app(scope, receive, send)
+        else:
+            await self.gzip(scope, receive, send)
 
 
 def _visible_properties(props: dict[str, str], hidden: set[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -126,6 +126,7 @@ class TileService:
         self._passthrough: dict[tuple[str, GeometryParams], dict[int, int]] = {}
         self._in_flight: dict[str, asyncio.Future[Tile]] = {}
         cache.bind_metrics(self.metrics)
+        self._timers: dict[str, Any] = {}
 
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -196,7 +197,10 @@ class TileService:
                 raise
             finally:
                 del self._in_flight[ref.key]
-        self.metrics.tile_seconds.labels(tile.source).observe(time.perf_counter() - start)
+        timer = self._timers.get(tile.source)
+        if timer is None:
+            timer = self._timers[tile.source] = self.metrics.tile_seconds.labels(tile.source)
+        timer.observe(time.perf_counter() - start)
         return tile
 
     async def tile(
