@@ -4,6 +4,7 @@ never fail a tile."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -269,3 +270,24 @@ def test_warm_command_fills_the_cache_the_server_reads(
     assert main(["warm", "no-such-id", "--library", str(library), "--redis-url",
                  redis_url]) == 1
     assert main(["warm", str(slide)]) == 2
+
+
+async def test_concurrent_lookups_share_one_mget(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from wsi_server.cache.redis import RedisCache
+
+    cache = RedisCache(redis_url)
+    values = {f"k{i}": bytes([i]) * (100 + i) for i in range(40)}
+    for key, value in values.items():
+        await cache.set(key, value)
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.config_resetstat()
+    keys = [*values, "missing", "k3", "k3"]
+    got = await asyncio.gather(*(cache.get(k) for k in keys))
+    assert got == [values.get(k) for k in keys]
+    stats = await admin.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+    await admin.aclose()
+    await cache.close()

@@ -9,6 +9,7 @@ tile; the connection pool reconnects on its own once Redis answers again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -85,6 +86,9 @@ class RedisCache:
             decode_responses=False,
         )
         self._down_until = 0.0
+        self._batch: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._flush_scheduled = False
+        self._batches: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
         self.hits = self.misses = self.errors = self.bypassed = 0
         self._log = ThrottledLog(log, log_interval)
@@ -126,7 +130,7 @@ class RedisCache:
             self._count("bypass")
             return None
         try:
-            value = await self._client.get(KEY_PREFIX + key)
+            value = await self._batched_get(key)
         except (RedisError, OSError) as exc:
             self._fault("get", exc)
             return None
@@ -137,6 +141,43 @@ class RedisCache:
         self.hits += 1
         self._count("hit")
         return value if isinstance(value, bytes) else bytes(value, "latin-1")
+
+    # -- batching ----------------------------------------------------------------
+    # Lookups made in the same turn of the event loop (concurrent requests) go to Redis as
+    # one MGET: a round trip and the client's per-command work are paid once per batch.
+    async def _batched_get(self, key: str) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        self._batch.setdefault(key, []).append(future)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, {}
+        self._flush_scheduled = False
+        task = asyncio.ensure_future(self._run_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, batch: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+        keys = list(batch)
+        try:
+            if len(keys) == 1:
+                values = [await self._client.get(KEY_PREFIX + keys[0])]
+            else:
+                values = await self._client.mget([KEY_PREFIX + k for k in keys])
+        except (RedisError, OSError) as exc:
+            for futures in batch.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(exc)
+            return
+        for key, value in zip(keys, values, strict=True):
+            for f in batch[key]:
+                if not f.done():
+                    f.set_result(value if not isinstance(value, str) else value.encode())
 
     async def set(self, key: str, value: bytes) -> None:
         if len(value) > self.max_item_bytes or not self.available:
