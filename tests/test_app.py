@@ -303,3 +303,35 @@ def test_metrics_and_health(make_client: Any, synthetic_slides: dict[str, Path])
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["slides"] == 1
+
+
+def test_slide_added_during_a_rescan_is_kept(
+    make_client: Any, tmp_path: Path, synthetic_slides: dict[str, Path]
+) -> None:
+    import threading
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(synthetic_slides["generic"], lib / "a.tiff")
+    client = make_client(paths=(lib,))
+    library = client.app.state.library  # type: ignore[attr-defined]
+    # the rescan walks the folder while the new slide is moved in and added
+    walked = threading.Event()
+    proceed = threading.Event()
+    real_load = library._load
+
+    def slow_load(sid: str, path: Path) -> Any:
+        walked.set()
+        proceed.wait(5)
+        return real_load(sid, path)
+
+    library._load = slow_load
+    scan = threading.Thread(target=library.scan)
+    scan.start()
+    assert walked.wait(5)
+    shutil.copy(synthetic_slides["odd"], lib / "b.tiff")
+    library._load = real_load
+    library.add(lib / "b.tiff")
+    proceed.set()
+    scan.join(10)
+    assert {s["name"] for s in client.get("/api/slides").json()["slides"]} == {"a.tiff", "b.tiff"}

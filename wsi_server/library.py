@@ -128,6 +128,7 @@ class Library:
 
     def scan(self) -> None:
         """Find every slide under the roots; open new or changed ones to read metadata."""
+        started = time.time()
         seen: dict[str, SlideEntry] = {}
         for i, root in enumerate(self.roots):
             if not root.exists():
@@ -141,6 +142,10 @@ class Library:
                 if entry is not None:
                     seen[sid] = entry
         with self._lock:
+            # a slide added (e.g. by ingest) while this scan walked the folders stays
+            for sid, entry in self._entries.items():
+                if sid not in seen and entry.added >= started and entry.path.exists():
+                    seen[sid] = entry
             self._entries = seen
         self.loaded = True
         ok = sum(1 for e in seen.values() if e.error is None)
