@@ -723,3 +723,60 @@ def summary(result: ConvertResult) -> str:
 
 def options_dict(options: ConvertOptions) -> dict[str, Any]:
     return asdict(options)
+
+
+# -- command line ----------------------------------------------------------------------
+_CLI_ENV = {
+    "tile_size": "WSI_CONVERT_TILE_SIZE",
+    "codec": "WSI_CONVERT_CODEC",
+    "quality": "WSI_CONVERT_QUALITY",
+    "workers": "WSI_CONVERT_WORKERS",
+}
+
+
+def add_convert_command(sub: Any) -> None:
+    """Register ``wsi-server convert SRC DEST`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "convert",
+        help="convert a slide to a multiscale zarr pyramid (chunks = served tiles)",
+        description="Convert a slide to a zarr v3 / OME-NGFF multiscale pyramid whose chunks "
+        "are the tiles of the native grid. Written under a hidden temporary name and "
+        "renamed when complete; run again to resume an interrupted conversion.",
+    )
+    p.add_argument("src", type=Path, help="slide file, or DICOM-WSI folder")
+    p.add_argument("dest", type=Path, help="store to create, e.g. SLIDE.zarr (never overwritten)")
+    env = os.environ
+    p.add_argument("--tile-size", type=int, default=env.get(_CLI_ENV["tile_size"]),
+                   metavar="N", help="chunk = tile size, 128-2048 (default: the source's "
+                   f"native tile size, else 256) [env {_CLI_ENV['tile_size']}]")
+    p.add_argument("--codec", choices=("jpeg", "zstd"),
+                   default=env.get(_CLI_ENV["codec"], "jpeg"),
+                   help="jpeg chunks (served as they are) or lossless zstd "
+                   f"[env {_CLI_ENV['codec']}; default jpeg]")
+    p.add_argument("--quality", type=int, default=env.get(_CLI_ENV["quality"], 90), metavar="Q",
+                   help=f"JPEG quality [env {_CLI_ENV['quality']}; default 90]")
+    p.add_argument("--workers", type=int, default=env.get(_CLI_ENV["workers"], 0), metavar="K",
+                   help=f"worker threads (0: one per core) [env {_CLI_ENV['workers']}; default 0]")
+    p.add_argument("--reencode", action="store_true",
+                   help="re-encode level-0 JPEG tiles instead of copying the source's")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: Any) -> int:
+    options = ConvertOptions(
+        tile_size=int(args.tile_size) if args.tile_size else None,
+        codec=args.codec,
+        quality=int(args.quality),
+        workers=int(args.workers),
+        copy_source_tiles=not args.reencode,
+    )
+    try:
+        result = convert_slide(args.src, args.dest, options, progress=ProgressPrinter())
+    except WsiServerError as exc:
+        print(json.dumps({"error": exc.code, "detail": exc.detail}), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary(result))
+    return 0
