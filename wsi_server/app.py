@@ -94,7 +94,7 @@ def create_app(
 ) -> Starlette:
     registry = registry or default_registry()
     pool = ReaderPool(registry, settings.pool_size)
-    library = Library(settings.paths, pool)
+    library = Library(settings.paths, pool, convert_dir=settings.convert_dir)
     metrics = Metrics()
     threads = settings.render_threads or os.cpu_count() or 2
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-render")

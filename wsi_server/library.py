@@ -113,9 +113,12 @@ class SlideEntry:
 
 
 class Library:
-    def __init__(self, roots: Iterable[Path], pool: ReaderPool) -> None:
+    def __init__(
+        self, roots: Iterable[Path], pool: ReaderPool, convert_dir: Path | None = None
+    ) -> None:
         self.roots = tuple(Path(r).resolve() for r in roots)
         self.pool = pool
+        self.convert_dir = Path(convert_dir).resolve() if convert_dir is not None else None
         self._entries: dict[str, SlideEntry] = {}
         self._lock = threading.Lock()
         self.loaded = False
@@ -163,17 +166,33 @@ class Library:
                 return entry
         raise ValueError("path is not under a library root")
 
+    def converted_copy(self, path: Path) -> Path | None:
+        """The complete zarr copy of a slide under ``convert_dir`` (issue 4), if any: it is
+        served in place of the original, under the original's id and name."""
+        if self.convert_dir is None:
+            return None
+        from wsi_server.readers.zarr_backend import is_complete_store
+
+        for i, root in enumerate(self.roots):
+            if path == root or root in path.parents:
+                rel = self._relative(i, path).replace(":", "/", 1)
+                store = self.convert_dir / f"{rel}.zarr"
+                return store if is_complete_store(store) else None
+        return None
+
     def _load(self, sid: str, path: Path) -> SlideEntry | None:
+        old = self._entries.get(sid)
+        name = old.name if old is not None else path.name
+        path = self.converted_copy(path) or path
         try:
             fp, size = fingerprint(path)
         except OSError as exc:
             log.warning("cannot stat %s: %s", path.name, exc)
             return None
-        old = self._entries.get(sid)
         if old is not None and old.fingerprint == fp:
             old.checked = time.monotonic()
             return old
-        entry = SlideEntry(sid, path.name, path, fp, size)
+        entry = SlideEntry(sid, name, path, fp, size)
         try:
             entry.metadata = self.pool.get(path, fp).metadata
         except WsiServerError as exc:

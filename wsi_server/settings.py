@@ -98,6 +98,13 @@ class Settings:
         "Convert each ingested slide to a zarr pyramid (when the converter is installed).",
         default=False,
     )
+    # -- zarr conversion (issue 4) --
+    convert_dir: Path | None = _opt(
+        "Folder of converted copies (wsi-server convert): a slide is served from "
+        "DIR/<its path under the root>.zarr once that store is complete. Keep DIR outside "
+        "the library roots.",
+        default=None,
+    )
     hide_associated: bool = _opt(
         "Withhold label and macro images (they often carry patient identifiers).",
         default=False,
