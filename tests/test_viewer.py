@@ -323,3 +323,25 @@ def test_hide_associated_hides_the_label(
         )
         assert page.eval_on_selector("img[src*='/associated/label']", "i => i.naturalWidth") > 0
         assert page.is_visible("#associated")
+
+
+@pytest.mark.browser
+def test_failed_tiles_show_a_message(page: Any, live_server: Any, viewer_dir: Path) -> None:
+    osd_installed()
+    base = live_server(viewer_dir)
+    sid = slides_of(base)["tissue.svs"]["id"]
+    # Tiles of the finest levels are sent to an address outside the slide's grid: the
+    # server's real 404 answer reaches the viewer as a failed tile.
+    fine = re.compile(r"/native_files/(1[0-9])/\d+_\d+\.jpeg")
+    page.route(fine, lambda route: route.continue_(
+        url=fine.sub("/native_files/\\1/9999_9999.jpeg", route.request.url)))
+    page.goto(f"{base}/view/{sid}")
+    toast = page.wait_for_selector("#tile-error:not([hidden])")
+    text = toast.inner_text()
+    assert "could not be loaded" in text
+    detail = httpx.get(f"{base}/slides/{sid}/native_files/10/9999_9999.jpeg").json()["detail"]
+    assert detail in text  # the server's reason, not only "something failed"
+    page.unroute(fine)
+    page.click("#tile-retry")
+    page.wait_for_function("() => wsiViewer.world.getItemAt(0).getFullyLoaded()")
+    assert page.is_hidden("#tile-error")

@@ -340,7 +340,7 @@ async function main() {
   document.title = `${slide.name} · wsi-server`;
   $("slide-name").textContent = slide.name;
   $("slide-sub").textContent = [describeFormat(slide), formatDimensions(slide.width, slide.height),
-    slide.mpp ? formatMpp(slide.mpp) : null].filter(Boolean).join(" · ");
+    formatMpp(slide.mpp)].filter((t) => t && t !== "–").join(" · ");
   if (slide.error || !slide.native_dzi) {
     const err = slide.error || {};
     showSlideError(err.detail || "The server cannot read this slide.", err.error || slide.status);
