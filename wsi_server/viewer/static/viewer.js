@@ -286,6 +286,11 @@ function openViewer(s) {
     visibilityRatio: 0.2,
     animationTime: 0.5,
     timeout: 30000,
+    // A 1920×1080 field of view needs ~70 native tiles plus coarser ones: request several
+    // per frame (the default, 1, takes seconds at a browser's frame rate) and keep more
+    // decoded tiles than the default 200 so that panning back does not refetch.
+    maxTilesPerFrame: 6,
+    maxImageCacheCount: 600,
     tileRetryMax: 1,
     tileRetryDelay: 800,
     gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true },
