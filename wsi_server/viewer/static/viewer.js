@@ -92,11 +92,23 @@ function applyView(v, immediately) {
   if (immediately) vp.applyConstraints(true);
 }
 
+/** True when the viewport is where it is going (no zoom, pan or rotation in progress). */
+function settled() {
+  const vp = viewer.viewport;
+  const a = vp.getCenter(true);
+  const b = vp.getCenter(false);
+  const zoom = vp.getZoom(false);
+  return Math.abs(vp.getZoom(true) - zoom) <= zoom * 1e-6
+    && Math.abs(a.x - b.x) <= 1e-6 / zoom && Math.abs(a.y - b.y) <= 1e-6 / zoom
+    && Math.abs(vp.getRotation(true) - vp.getRotation(false)) < 1e-6;
+}
+
 let urlTimer = 0;
-let replaceNext = true; // the first settled view replaces the entry we arrived with
+let replaceNext = false; // after a history step, a settled view corrects that entry
 function scheduleUrlUpdate() {
   clearTimeout(urlTimer);
   urlTimer = setTimeout(() => {
+    if (!settled()) return; // still moving: the animation's end schedules another update
     const now = currentView();
     if (sameView(now, readUrlView())) { replaceNext = false; return; }
     const url = viewQuery(now);
@@ -302,7 +314,9 @@ function openViewer(s) {
     const v = readUrlView();
     if (v) applyView(v, true);
     updateReadouts();
-    scheduleUrlUpdate();
+    // The view we arrived at replaces the entry we arrived with; later views are new entries.
+    history.replaceState(null, "", viewQuery(currentView()));
+    replaceNext = false;
     viewer.canvas.focus({ preventScroll: true });
   });
   viewer.addHandler("open-failed", (e) => {
