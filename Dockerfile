@@ -11,18 +11,26 @@ COPY pyproject.toml README.md /src/
 COPY wsi_server /src/wsi_server
 RUN /opt/wsi/bin/pip install /src
 
+# -- viewer: OpenSeadragon from the npm registry, pinned by package-lock.json -------------
+FROM node:20-slim AS viewer
+WORKDIR /src
+COPY package.json package-lock.json /src/
+RUN npm ci --no-audit --no-fund --loglevel=error
+
 # -- runtime: the venv only, run by an unprivileged user --------------------------------
 FROM python:3.12-slim AS runtime
 RUN groupadd --system --gid 10001 wsi \
  && useradd --system --uid 10001 --gid wsi --home-dir /home/wsi --create-home wsi
 COPY --from=build /opt/wsi /opt/wsi
+COPY --from=viewer /src/node_modules/openseadragon/build/openseadragon /opt/wsi/viewer-assets
 ENV PATH=/opt/wsi/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     WSI_PATHS=/slides \
     WSI_HOST=0.0.0.0 \
     WSI_PORT=8000 \
     WSI_WORKERS=2 \
-    WSI_CACHE_SIZE=256
+    WSI_CACHE_SIZE=256 \
+    WSI_VIEWER_ASSETS=/opt/wsi/viewer-assets
 USER wsi
 WORKDIR /home/wsi
 VOLUME ["/slides"]

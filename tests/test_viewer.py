@@ -81,10 +81,9 @@ def test_pages_and_versioned_assets(make_client: Any, viewer_dir: Path) -> None:
 
 
 def test_missing_openseadragon_says_how_to_install(
-    make_client: Any, viewer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, viewer_dir: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("WSI_VIEWER_ASSETS", str(tmp_path / "not-installed"))
-    client = make_client(paths=(viewer_dir,))
+    client = make_client(paths=(viewer_dir,), viewer_assets=tmp_path / "not-installed")
     sid = client.get("/api/slides").json()["slides"][0]["id"]
     r = client.get(f"/view/{sid}")
     assert r.status_code == 503

@@ -109,6 +109,11 @@ class Settings:
         "Withhold label and macro images (they often carry patient identifiers).",
         default=False,
     )
+    viewer_assets: Path | None = _opt(
+        "Folder holding OpenSeadragon's build (openseadragon.min.js, images/); default: "
+        "node_modules/openseadragon/build/openseadragon of the source tree (npm ci).",
+        default=None,
+    )
     log_level: str = _opt("Logging level.", default="info")
     bench_routes: bool = _opt(
         "Mount benchmark-only routes (/bench/bytes/{n}). Never enable in production.",

@@ -6,8 +6,9 @@ package (``package.json`` at the repository root, installed by ``npm ci``) and i
 from its build folder, never from a CDN and never copied into the repository:
 
 1. the ``osd_dir`` argument (tests),
-2. else the ``WSI_VIEWER_ASSETS`` environment variable (a packaged install, e.g. a
-   container that copies ``node_modules/openseadragon/build/openseadragon`` elsewhere),
+2. else the ``viewer_assets`` setting (``--viewer-assets`` / ``WSI_VIEWER_ASSETS``: a
+   packaged install, e.g. a container that copies
+   ``node_modules/openseadragon/build/openseadragon`` elsewhere),
 3. else ``node_modules/openseadragon/build/openseadragon`` at the repository root.
 
 When OpenSeadragon is missing the viewer page says how to install it instead of failing.
@@ -33,7 +34,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OSD_BUILD = Path("node_modules", "openseadragon", "build", "openseadragon")
 OSD_SCRIPT = "openseadragon.min.js"
-ASSETS_ENV = "WSI_VIEWER_ASSETS"
 
 # The pages are re-checked on each visit (they name the asset version); the viewer's own
 # files are versioned by a content hash in their URL; OpenSeadragon's images are not.
@@ -44,12 +44,7 @@ ASSET_CACHE = "public, max-age=86400"
 
 def osd_assets_dir(osd_dir: Path | None = None) -> Path:
     """Where OpenSeadragon's build (``openseadragon.min.js`` and ``images/``) is looked for."""
-    if osd_dir is not None:
-        return osd_dir
-    env = os.environ.get(ASSETS_ENV)
-    if env:
-        return Path(env)
-    return REPO_ROOT / OSD_BUILD
+    return osd_dir or REPO_ROOT / OSD_BUILD
 
 
 class _Assets(StaticFiles):
@@ -96,7 +91,7 @@ def _missing_assets_page(osd: Path) -> str:
 <p>Install them from the repository root with</p>
 <pre>npm ci</pre>
 <p>(or run <code>./dev serve</code>, which does it), then reload this page. A packaged
-install can point <code>{ASSETS_ENV}</code> at a copy of
+install can point <code>WSI_VIEWER_ASSETS</code> at a copy of
 <code>node_modules/openseadragon/build/openseadragon</code>.</p>
 <p><a href="/">Back to the slide library</a></p>
 </main></body></html>"""
@@ -128,7 +123,7 @@ def viewer_routes(settings: Settings, osd_dir: Path | None = None) -> list[BaseR
     The viewer needs nothing from ``settings``: what it may show (``--hide-associated``)
     is decided by the API it reads.
     """
-    osd = osd_assets_dir(osd_dir)
+    osd = osd_assets_dir(osd_dir or settings.viewer_assets)
     static_names = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
     version = _version(STATIC_DIR, static_names) + _version(osd, [OSD_SCRIPT])
     files = _static_files(version)
