@@ -16,6 +16,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,15 @@ def _float(value: str | None) -> float | None:
 class TiffReader:
     """An open SVS / generic TIFF / OME-TIFF slide."""
 
-    def __init__(self, path: Path, fmt: str, decoded: DecodedTiles | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        decoded: DecodedTiles | None = None,
+        decode_pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.path = path
+        self._decode_pool = decode_pool
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
         try:
@@ -254,6 +262,28 @@ class TiffReader:
         self._decoded.put(key, arr)
         return arr
 
+    def _decode_tiles(
+        self, level: int, addresses: list[tuple[int, int]], factor: int
+    ) -> list[np.ndarray | None]:
+        """Decode several stored tiles, the uncached ones side by side on the backend's
+        decode threads (libjpeg-turbo runs without the GIL) and one in this thread."""
+        if self._decode_pool is None or len(addresses) < 2:
+            return [self._decode_tile(level, c, r, factor) for c, r in addresses]
+        cols = self._levels[level].cols
+        missing = [
+            i for i, (c, r) in enumerate(addresses)
+            if self._decoded.get((self._token, level, r * cols + c, factor)) is None
+        ]
+        futures = {
+            i: self._decode_pool.submit(self._decode_tile, level, *addresses[i], factor)
+            for i in missing[1:]
+        }
+        out = []
+        for i, (c, r) in enumerate(addresses):
+            future = futures.get(i)
+            out.append(future.result() if future else self._decode_tile(level, c, r, factor))
+        return out
+
     def _paint(
         self, level: int, l_x: int, l_y: int, l_w: int, l_h: int, factor: int
     ) -> np.ndarray:
@@ -271,9 +301,13 @@ class TiffReader:
             codecs.fill(out, bg)  # the region reaches past the level
         if x1 <= x0 or y1 <= y0:
             return out
-        for row in range(y0 // th, (y1 - 1) // th + 1):
-            for col in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self._decode_tile(level, col, row, factor)
+        addresses = [
+            (col, row)
+            for row in range(y0 // th, (y1 - 1) // th + 1)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        decoded = self._decode_tiles(level, addresses, factor)
+        for (col, row), tile in zip(addresses, decoded, strict=True):
                 tx, ty = col * tw, row * th
                 sx0, sy0 = max(x0, tx), max(y0, ty)
                 sx1, sy1 = min(x1, tx + tw), min(y1, ty + th)
@@ -342,6 +376,11 @@ class TiffBackend:
 
     def __init__(self, decoded_cache_bytes: int = DECODED_CACHE_BYTES) -> None:
         self.decoded = DecodedTiles(decoded_cache_bytes)
+        # its own threads: callers already run in the app's render pool, and waiting on
+        # that pool from inside it could deadlock
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2, thread_name_prefix="wsi-decode"
+        )
 
     def can_open(self, path: Path) -> bool:
         if not path.is_file():
@@ -357,7 +396,7 @@ class TiffBackend:
     def open(self, path: Path) -> TiffReader:
         fmt = openslide.OpenSlide.detect_format(str(path)) or "generic-tiff"
         try:
-            return TiffReader(path, fmt, self.decoded)
+            return TiffReader(path, fmt, self.decoded, self.decode_pool)
         except (UnsupportedSlide, UnreadableSlide):
             raise
         except Exception as exc:
