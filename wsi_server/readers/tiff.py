@@ -360,8 +360,10 @@ class TiffReader:
         return codecs.to_rgb(arr)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        fd = self.__dict__.pop("_fd", None)  # once: __del__ must not close a reused number
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._tif.close()
 
     def __del__(self) -> None:
