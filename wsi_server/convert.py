@@ -92,6 +92,8 @@ class ConvertOptions:
     """Worker threads (0: one per core)."""
     copy_source_tiles: bool = True
     """Copy level-0 JPEG tiles of the source that are exactly chunks, instead of re-encoding."""
+    shard_tiles: int | None = None
+    """Tiles per shard side, a power of two (default: a shard covers about 8192 px)."""
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,9 @@ class Plan:
     """log2(B): workers build levels 0..block_level of a block; the main thread the rest."""
 
     @classmethod
-    def of(cls, width: int, height: int, tile: int) -> Plan:
+    def of(cls, width: int, height: int, tile: int, shard_tiles: int | None = None) -> Plan:
         dims = pyramid_dims(width, height, tile)
-        s = _pow2_floor(max(1, SHARD_PX // tile))
+        s = _pow2_floor(shard_tiles or max(1, SHARD_PX // tile))
         shards = []
         for w, h in dims:
             n = max(math.ceil(w / tile), math.ceil(h / tile))
@@ -608,7 +610,7 @@ def convert_slide(
         tile = options.tile_size or native_tile_size(meta.tile_size)
         if not 128 <= tile <= 2048:
             raise BadRequest("tile size must be between 128 and 2048")
-        plan = Plan.of(meta.width, meta.height, tile)
+        plan = Plan.of(meta.width, meta.height, tile, options.shard_tiles)
         manifest = _manifest(src, plan, options)
         tmp = temp_path(dest)
         tmp.mkdir(parents=True, exist_ok=True)
