@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,9 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_ingest(watch: Path, lib: Path, copy: bool, fault: str | None) -> int:
+def run_ingest(
+    watch: Path, lib: Path, copy: bool, fault: str | None, extra: list[str] | None = None
+) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSI_")}
     if fault:
         env["WSI_INGEST_FAULT"] = f"kill:{fault}"
@@ -32,6 +35,7 @@ def run_ingest(watch: Path, lib: Path, copy: bool, fault: str | None) -> int:
            "--once", "--ingest-settle-seconds", "0.2", "--ingest-poll", "--log-level", "warning"]
     if copy:
         cmd.append("--force-copy")
+    cmd += extra or []
     return subprocess.run(cmd, env=env, timeout=60, capture_output=True).returncode
 
 
@@ -84,3 +88,30 @@ def test_kill_mid_quarantine_of_a_two_part_scan(point: str, tmp_path: Path) -> N
     assert sorted(p.name for p in q.iterdir()) == ["case", "case.mrxs", "case.mrxs.error.json"]
     assert (q / "case" / "Data0000.dat").read_bytes() == data
     assert sorted(p.name for p in watch.iterdir()) == ["quarantine"]
+
+
+def test_kill_mid_convert_then_restart_serves_the_converted_copy(
+    tmp_path: Path, make_client: Any
+) -> None:
+    """--ingest-convert: killed with the zarr conversion half done, the restart resumes it;
+    the library holds the scan once and the server serves the complete converted copy."""
+    watch, lib, converted = tmp_path / "watch", tmp_path / "library", tmp_path / "converted"
+    watch.mkdir()
+    big = write_svs_like(tmp_path / "big.svs", 3000, 2200, tile=256, downsamples=(1, 4), seed=5)
+    (watch / "case.svs").write_bytes(big.read_bytes())
+    extra = ["--ingest-convert", "--convert-dir", str(converted)]
+    assert run_ingest(watch, lib, False, "convert-mid", extra) == -signal.SIGKILL
+    assert not (converted / "case.svs.zarr").exists()  # nothing servable half-written
+    assert run_ingest(watch, lib, False, None, extra) == 0
+    assert sha(lib / "case.svs") == sha(big)
+    assert sorted(p.name for p in converted.iterdir()) == ["case.svs.zarr"]
+    state = IngestState.in_library(lib)
+    try:
+        assert [r.state for r in state.all()] == ["done"]
+    finally:
+        state.close()
+    client = make_client(paths=(lib,), convert_dir=converted)
+    (slide,) = client.get("/api/slides").json()["slides"]
+    assert slide["name"] == "case.svs" and slide["format"] == "zarr"
+    top = client.get(f"/slides/{slide['id']}/native_files/12/1_1.jpeg")
+    assert top.status_code == 200 and top.headers["x-tile-source"] == "passthrough"

@@ -95,7 +95,8 @@ class Settings:
         default=120.0,
     )
     ingest_convert: bool = _opt(
-        "Convert each ingested slide to a zarr pyramid (when the converter is installed).",
+        "Convert each ingested slide to a zarr pyramid in --convert-dir, which the server "
+        "then serves in place of the original.",
         default=False,
     )
     # -- zarr conversion (issue 4) --
@@ -204,6 +205,8 @@ def from_sources(
 
 
 def validate(s: Settings) -> None:
+    if s.ingest_convert and s.convert_dir is None:
+        raise ValueError("ingest_convert needs convert_dir: the folder converted copies go to")
     if not 1 <= s.jpeg_quality <= 100:
         raise ValueError("jpeg_quality must be between 1 and 100")
     if s.tile_size < 1 or s.overlap < 0:

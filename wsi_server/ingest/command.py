@@ -11,7 +11,7 @@ from typing import Any
 
 INGEST_SETTINGS = [
     "ingest_settle_seconds", "ingest_quarantine", "ingest_urgent_dir", "ingest_poll",
-    "ingest_validate_timeout", "ingest_convert", "log_level",
+    "ingest_validate_timeout", "ingest_convert", "convert_dir", "log_level",
 ]
 
 

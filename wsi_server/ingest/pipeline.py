@@ -63,7 +63,10 @@ class IngestConfig:
     force_copy: bool = False
     """Move by copy + fsync + verify + remove even on one filesystem (tests)."""
     convert: bool = False
-    """Convert each ingested slide to zarr when ``wsi_server.convert`` is installed."""
+    """Convert each ingested slide to zarr (into ``convert_dir``)."""
+    convert_dir: Path | None = None
+    """Where converted copies go: ``convert_dir/<path in the library>.zarr``, the place the
+    server's ``--convert-dir`` serves them from in place of the original."""
 
     @property
     def interval(self) -> float:
@@ -91,7 +94,12 @@ class IngestConfig:
             poll=bool(getattr(settings, "ingest_poll", False)),
             validate_timeout=float(getattr(settings, "ingest_validate_timeout", DEFAULT_TIMEOUT)),
             convert=bool(getattr(settings, "ingest_convert", False)),
+            convert_dir=getattr(settings, "convert_dir", None),
         )
+
+
+def _convert_progress(progress: object) -> None:
+    fault("convert-mid")  # crash tests: die with the conversion half done
 
 
 def _now_iso() -> str:
@@ -398,15 +406,20 @@ class IngestPipeline:
         except ImportError:
             self.state.event(rec.id, "convert_skipped", "wsi_server.convert is not installed")
             return self.state.update(rec.id, state="done", finished_at=time.time())
-        fn = getattr(convert_mod, "convert_slide", None) or getattr(convert_mod, "convert", None)
         src = Path(rec.dest or "")
-        dest = src.with_name(src.name + ".zarr")
-        if callable(fn) and not dest.exists():
+        if self.config.convert_dir is None:
+            self.state.event(rec.id, "convert_skipped", "no --convert-dir to convert into")
+            return self.state.update(rec.id, state="done", finished_at=time.time())
+        rel = src.relative_to(self.config.library)
+        dest = self.config.convert_dir / rel.with_name(rel.name + ".zarr")
+        if not dest.exists():
             try:
-                fn(src, dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # resumable: a conversion killed midway continues from its finished shards
+                convert_mod.convert_slide(src, dest, progress=_convert_progress)
                 self.state.event(rec.id, "converted", f"zarr store {dest.name}")
                 if self.on_ingested is not None:
-                    self.on_ingested(dest)
+                    self.on_ingested(src)  # the library now serves the converted copy
             except Exception as exc:
                 log.warning("ingest: conversion of scan %d failed: %r", rec.id, exc)
                 self.state.event(rec.id, "convert_failed", repr(exc)[:500])
