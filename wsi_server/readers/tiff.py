@@ -27,6 +27,7 @@ import tifffile
 from wsi_server import codecs
 from wsi_server.errors import UnreadableSlide, UnsupportedSlide
 from wsi_server.geometry import level_downsamples
+from wsi_server.readers import grid
 from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
 
 _JPEG = 7
@@ -290,37 +291,13 @@ class TiffReader:
         """Region in units of the level decoded at 1/factor; (l_x, l_y, l_w, l_h) are in
         those scaled units."""
         lv = self._levels[level]
-        bg = self.metadata.background
-        out = np.empty((l_h, l_w, 3), np.uint8)
-        tw, th = lv.tile_w // factor, lv.tile_h // factor
-        lw = math.ceil(lv.width / factor)
-        lh = math.ceil(lv.height / factor)
-        x0, y0 = max(l_x, 0), max(l_y, 0)
-        x1, y1 = min(l_x + l_w, lw), min(l_y + l_h, lh)
-        if (x0, y0, x1, y1) != (l_x, l_y, l_x + l_w, l_y + l_h):
-            codecs.fill(out, bg)  # the region reaches past the level
-        if x1 <= x0 or y1 <= y0:
-            return out
-        addresses = [
-            (col, row)
-            for row in range(y0 // th, (y1 - 1) // th + 1)
-            for col in range(x0 // tw, (x1 - 1) // tw + 1)
-        ]
-        decoded = self._decode_tiles(level, addresses, factor)
-        for (col, row), tile in zip(addresses, decoded, strict=True):
-                tx, ty = col * tw, row * th
-                sx0, sy0 = max(x0, tx), max(y0, ty)
-                sx1, sy1 = min(x1, tx + tw), min(y1, ty + th)
-                dest = out[sy0 - l_y : sy1 - l_y, sx0 - l_x : sx1 - l_x]
-                if tile is None:  # a tile the file does not store (sparse TIFF)
-                    codecs.fill(dest, bg)
-                    continue
-                src = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
-                if src.shape != dest.shape:  # a short stored tile: pad with background
-                    codecs.fill(dest, bg)
-                    dest = dest[: src.shape[0], : src.shape[1]]
-                dest[...] = src
-        return out
+        return grid.paint(
+            (l_x, l_y, l_w, l_h),
+            grid.scaled_size((lv.width, lv.height), factor),
+            (lv.tile_w // factor, lv.tile_h // factor),
+            lambda addresses: self._decode_tiles(level, addresses, factor),
+            self.metadata.background,
+        )
 
     def read_region(self, level: int, l0_x: int, l0_y: int, l_w: int, l_h: int) -> np.ndarray:
         ds = self.metadata.levels[level].downsample

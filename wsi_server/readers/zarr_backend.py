@@ -38,6 +38,7 @@ import numpy as np
 from wsi_server import codecs
 from wsi_server.errors import UnreadableSlide, UnsupportedSlide
 from wsi_server.geometry import level_downsamples
+from wsi_server.readers import grid
 from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
 from wsi_server.readers.tiff import DECODED_CACHE_BYTES, DecodedTiles
 
@@ -271,31 +272,14 @@ class ZarrReader:
         self, level: int, l_x: int, l_y: int, l_w: int, l_h: int, factor: int
     ) -> np.ndarray:
         lv = self._levels[level]
-        out = np.empty((l_h, l_w, 3), np.uint8)
         t = lv.tile // factor
-        lw, lh = math.ceil(lv.width / factor), math.ceil(lv.height / factor)
-        x0, y0 = max(l_x, 0), max(l_y, 0)
-        x1, y1 = min(l_x + l_w, lw), min(l_y + l_h, lh)
-        if (x0, y0, x1, y1) != (l_x, l_y, l_x + l_w, l_y + l_h):
-            codecs.fill(out, self.metadata.background)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        for row in range(y0 // t, (y1 - 1) // t + 1):
-            for col in range(x0 // t, (x1 - 1) // t + 1):
-                tile = self._decode(level, col, row, factor)
-                tx, ty = col * t, row * t
-                sx0, sy0 = max(x0, tx), max(y0, ty)
-                sx1, sy1 = min(x1, tx + t), min(y1, ty + t)
-                dest = out[sy0 - l_y : sy1 - l_y, sx0 - l_x : sx1 - l_x]
-                if tile is None:
-                    codecs.fill(dest, self.metadata.background)
-                    continue
-                src = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
-                if src.shape != dest.shape:
-                    codecs.fill(dest, self.metadata.background)
-                    dest = dest[: src.shape[0], : src.shape[1]]
-                dest[...] = src
-        return out
+        return grid.paint(
+            (l_x, l_y, l_w, l_h),
+            grid.scaled_size((lv.width, lv.height), factor),
+            (t, t),
+            lambda addresses: [self._decode(level, c, r, factor) for c, r in addresses],
+            self.metadata.background,
+        )
 
     # -- SlideReader -------------------------------------------------------------
     def read_region(self, level: int, l0_x: int, l0_y: int, l_w: int, l_h: int) -> np.ndarray:
