@@ -24,6 +24,18 @@ FAULT_LOG = "redis tile cache fault"
 
 
 @pytest.fixture
+def make_client(make_client: Any) -> Any:
+    """Apps whose Redis timeout a busy 2-core CI machine cannot trip by accident (a
+    connect over 50 ms would be a fault, i.e. a miss); the timeout test sets its own."""
+
+    def make(**kw: Any) -> Any:
+        kw.setdefault("redis_timeout", 1.0)
+        return make_client(**kw)
+
+    return make
+
+
+@pytest.fixture
 def library(tmp_path: Path, synthetic_slides: dict[str, Path]) -> Path:
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -251,9 +263,12 @@ def test_full_redis_is_a_miss_and_reads_continue(
 
 
 def test_warm_command_fills_the_cache_the_server_reads(
-    make_client: Any, library: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+    make_client: Any, library: Path, redis_url: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from wsi_server.cli import main
+
+    monkeypatch.setenv("WSI_REDIS_TIMEOUT", "1.0")  # see make_client above
 
     slide = library / "slide.svs"
     assert main(["warm", str(slide), "--levels", "9", "--redis-url", redis_url]) == 0
@@ -277,7 +292,7 @@ async def test_concurrent_lookups_share_one_mget(redis_url: str) -> None:
 
     from wsi_server.cache.redis import RedisCache
 
-    cache = RedisCache(redis_url)
+    cache = RedisCache(redis_url, timeout=1.0)
     values = {f"k{i}": bytes([i]) * (100 + i) for i in range(40)}
     for key, value in values.items():
         await cache.set(key, value)

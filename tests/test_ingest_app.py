@@ -50,3 +50,31 @@ def test_ingest_report_when_off(make_client: Any, tmp_path: Path) -> None:
     client = make_client(paths=(tmp_path,))
     body = client.get("/api/ingest").json()
     assert body["enabled"] is False and body["queue"]["waiting"] == []
+
+
+def test_ingested_slide_is_warmed_into_the_cache(make_client: Any, tmp_path: Path) -> None:
+    watch, lib = tmp_path / "watch", tmp_path / "library"
+    lib.mkdir()
+    client = make_client(
+        paths=(lib,), ingest=watch, ingest_settle_seconds=0.3, ingest_poll=True,
+        ingest_warm_levels=10,
+    )
+    src = write_svs_like(tmp_path / "new.svs", 800, 600, tile=256, downsamples=(1, 4))
+    shutil.copy(src, watch / "new.svs")
+    sid = _wait_listed(client, "new.svs")["id"]
+    # the warm-up fills the cache by itself: wait for it without requesting tiles
+    service = client.app.state.service  # type: ignore[attr-defined]
+    cache = client.app.state.cache  # type: ignore[attr-defined]
+    addresses = [(kind, lv) for kind in ("default", "native") for lv in range(10)]
+
+    async def cached() -> bool:
+        refs = [await service.locate(sid, kind, lv, 0, 0, "jpeg") for kind, lv in addresses]
+        return all(ref.key in cache._items for ref in refs)
+
+    end = time.monotonic() + 20
+    while not client.portal.call(cached) and time.monotonic() < end:  # type: ignore[attr-defined]
+        time.sleep(0.1)
+    # and the first request of each is a cache hit, not a render
+    for kind, lv in addresses:
+        base = f"/slides/{sid}_files" if kind == "default" else f"/slides/{sid}/native_files"
+        assert client.get(f"{base}/{lv}/0_0.jpeg").headers["x-tile-source"] == "memory"

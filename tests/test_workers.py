@@ -45,7 +45,8 @@ def two_workers(
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSI_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsi_server", "serve", str(lib), "--port", str(port),
-         "--workers", "2", "--redis-url", redis_url, "--rescan-seconds", "0",
+         "--workers", "2", "--redis-url", redis_url, "--redis-timeout", "1.0",
+         "--rescan-seconds", "0",
          "--render-threads", "2"],
         env=env,
         stdout=subprocess.DEVNULL,

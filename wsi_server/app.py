@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -252,12 +253,29 @@ def create_app(
     from wsi_server.ingest import IngestHook  # issue 6: GET /api/ingest, pipeline in lifespan
 
     ingest = IngestHook(settings, library)
+    warm_tasks: set[concurrent.futures.Future[None]] = set()
+
+    def warm_after_ingest(loop: asyncio.AbstractEventLoop, slide_id: str) -> None:
+        """Called from the ingest thread: render the new slide's coarse levels, so the
+        first pathologist to open it waits for nothing."""
+
+        async def run() -> None:
+            try:
+                await warm(service, slide_id, settings.ingest_warm_levels, concurrency=threads)
+            except Exception as exc:  # a warm-up failure never affects ingest
+                log.warning("warm-up after ingest of %s failed: %r", slide_id, exc)
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        warm_tasks.add(future)
+        future.add_done_callback(warm_tasks.discard)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(executor, library.scan)
         rescanner = None
+        if settings.ingest_warm_levels > 0:
+            ingest.on_slide = lambda sid: warm_after_ingest(loop, sid)
         await loop.run_in_executor(None, ingest.start)  # issue 6: no-op unless --ingest
         if settings.rescan_seconds > 0:
             rescanner = asyncio.create_task(_rescan(library, executor, settings.rescan_seconds))

@@ -94,6 +94,11 @@ class Settings:
         "Seconds the isolated validator may spend on one scan before it is killed.",
         default=120.0,
     )
+    ingest_warm_levels: int = _opt(
+        "After ingest, render this many of the new slide's coarsest levels (both "
+        "geometries) into the cache, so its first view is instant (0: off).",
+        default=0,
+    )
     ingest_convert: bool = _opt(
         "Convert each ingested slide to a zarr pyramid in --convert-dir, which the server "
         "then serves in place of the original.",

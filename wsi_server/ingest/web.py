@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ class IngestHook:
         self.settings = settings
         self.library = library
         self.pipeline: IngestPipeline | None = None
+        self.on_slide: Callable[[str], None] | None = None
+        """Called with the id of each slide ingest adds (the server warms its cache)."""
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +47,11 @@ class IngestHook:
 
     def _on_ingested(self, path: Path) -> str | None:
         entry = self.library.add(path)
-        return entry.id if entry is not None else None
+        if entry is None:
+            return None
+        if self.on_slide is not None and entry.error is None:
+            self.on_slide(entry.id)
+        return entry.id
 
     def start(self) -> None:
         if not self.enabled or self.pipeline is not None:
