@@ -230,11 +230,13 @@ def test_paused_redis_times_out_fast(
             t0 = time.perf_counter()
             assert client.get(url).status_code == 200
             worst = max(worst, time.perf_counter() - t0)
-        # one 50 ms timeout, then Redis is bypassed: no request waits much longer
-        assert worst < 0.5
+        # one 50 ms timeout, then Redis is bypassed: no request hangs on the paused Redis
+        # (without the timeout each would wait for ever; the bound leaves room for a busy
+        # CI machine, it is not a speed target)
+        assert worst < 2.0
         t0 = time.perf_counter()
         assert client.get("/readyz").json()["status"] == "degraded"
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 2.0
     finally:
         own_redis.resume()
     assert client.get("/readyz").json()["status"] == "ready"
