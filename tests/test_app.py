@@ -335,3 +335,27 @@ def test_slide_added_during_a_rescan_is_kept(
     proceed.set()
     scan.join(10)
     assert {s["name"] for s in client.get("/api/slides").json()["slides"]} == {"a.tiff", "b.tiff"}
+
+
+def test_isolate_open_keeps_a_crashing_or_hanging_file_out_of_the_server(
+    make_client: Any, tmp_path: Path, synthetic_slides: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--isolate-open: a file on which the decoder crashes (abort) or hangs is checked in
+    the validator's process, listed as unreadable, and the server goes on serving."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("good.svs", "crashes.svs", "hangs.svs"):
+        shutil.copy(synthetic_slides["aperio-rgb"], lib / name)
+    # the validator process aborts / hangs on these names, as a bad C decoder would
+    monkeypatch.setenv("WSI_INGEST_FAULT", "validate-crash:crashes,validate-hang:hangs")
+    client = make_client(paths=(lib,), isolate_open=True, ingest_validate_timeout=3)
+    slides = _by_name(client)
+    assert slides["good.svs"]["status"] == "ready"
+    for name, why in (("crashes.svs", "died"), ("hangs.svs", "did not answer")):
+        assert slides[name]["status"] == "error"
+        assert slides[name]["error"]["error"] == "unreadable_slide"
+        assert why in slides[name]["error"]["detail"]
+        assert client.get(f"/slides/{slides[name]['id']}.dzi").status_code == 422
+    good = slides["good.svs"]["id"]
+    assert client.get(f"/slides/{good}_files/10/0_0.jpeg").status_code == 200

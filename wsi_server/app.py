@@ -8,9 +8,11 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,7 +27,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wsi_server import codecs
 from wsi_server.cache import MemoryCache, NullCache, TileCache
-from wsi_server.errors import BadRequest, NotFound, SlideNotFound, WsiServerError, error_body
+from wsi_server.errors import (
+    BadRequest,
+    NotFound,
+    SlideNotFound,
+    UnreadableSlide,
+    UnsupportedSlide,
+    WsiServerError,
+    error_body,
+)
 from wsi_server.geometry import GeometryParams, dzi_xml
 from wsi_server.library import Library, SlideEntry
 from wsi_server.metrics import Metrics, ServerTimingMiddleware, server_timing
@@ -95,7 +105,8 @@ def create_app(
 ) -> Starlette:
     registry = registry or default_registry()
     pool = ReaderPool(registry, settings.pool_size)
-    library = Library(settings.paths, pool, convert_dir=settings.convert_dir)
+    isolation = _IsolatedProbe(settings.ingest_validate_timeout) if settings.isolate_open else None
+    library = Library(settings.paths, pool, convert_dir=settings.convert_dir, probe=isolation)
     metrics = Metrics()
     threads = settings.render_threads or os.cpu_count() or 2
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-render")
@@ -285,6 +296,8 @@ def create_app(
             if rescanner is not None:
                 rescanner.cancel()
             await loop.run_in_executor(None, ingest.stop)
+            if isolation is not None:
+                await loop.run_in_executor(None, isolation.close)
             await tile_cache.close()
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -336,6 +349,30 @@ def create_app(
     app.state.pool = pool
     app.state.ingest = ingest
     return app
+
+
+class _IsolatedProbe:
+    """``--isolate-open``: the ingest validator's warm subprocess opens and decodes a slide
+    before the server does; a crash or a hang costs that process only."""
+
+    def __init__(self, timeout: float) -> None:
+        from wsi_server.ingest.validate import Validator
+
+        self._validator = Validator(timeout)
+        self._lock = threading.Lock()  # one question at a time to the one process
+
+    def __call__(self, path: Path) -> WsiServerError | None:
+        with self._lock:
+            verdict = self._validator.validate(path)
+        if verdict.ok:
+            return None
+        if verdict.code == UnsupportedSlide.code:
+            return UnsupportedSlide(verdict.detail)
+        return UnreadableSlide(verdict.detail)
+
+    def close(self) -> None:
+        with self._lock:
+            self._validator.close()
 
 
 class GzipExceptTiles:

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ SLIDE_SUFFIXES = frozenset(
         ".svslide", ".qptiff", ".vsi", ".czi", ".btf", ".isyntax", ".dcm",
     }
 )
+Probe = Callable[[Path], "WsiServerError | None"]
 SKIP_DIRS = frozenset({"quarantine", "__pycache__", "node_modules"})
 FINGERPRINT_TTL = 1.0
 
@@ -114,10 +115,17 @@ class SlideEntry:
 
 class Library:
     def __init__(
-        self, roots: Iterable[Path], pool: ReaderPool, convert_dir: Path | None = None
+        self,
+        roots: Iterable[Path],
+        pool: ReaderPool,
+        convert_dir: Path | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.roots = tuple(Path(r).resolve() for r in roots)
         self.pool = pool
+        self.probe = probe
+        """Checks a new or changed slide before this process opens it (``--isolate-open``):
+        returns the error that keeps it unserved, or None."""
         self.convert_dir = Path(convert_dir).resolve() if convert_dir is not None else None
         self._entries: dict[str, SlideEntry] = {}
         self._lock = threading.Lock()
@@ -193,6 +201,12 @@ class Library:
             old.checked = time.monotonic()
             return old
         entry = SlideEntry(sid, name, path, fp, size)
+        if self.probe is not None:
+            refused = self.probe(path)
+            if refused is not None:
+                entry.error = refused
+                log.warning("slide %s (%s) left unserved: %s", sid, path.name, refused.detail)
+                return entry
         try:
             entry.metadata = self.pool.get(path, fp).metadata
         except WsiServerError as exc:

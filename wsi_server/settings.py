@@ -111,6 +111,12 @@ class Settings:
         "the library roots.",
         default=None,
     )
+    isolate_open: bool = _opt(
+        "Check each new or changed slide in a separate process before the server opens it: "
+        "a file that crashes or hangs a decoder is listed as unreadable instead of taking "
+        "the server down (scans are slower). Ingested slides are always checked this way.",
+        default=False,
+    )
     hide_associated: bool = _opt(
         "Withhold label and macro images (they often carry patient identifiers).",
         default=False,
