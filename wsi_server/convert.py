@@ -51,7 +51,7 @@ import numpy as np
 
 from wsi_server.codecs import JPEG
 from wsi_server.errors import BadRequest, WsiServerError
-from wsi_server.geometry import native_tile_size
+from wsi_server.geometry import halvings, native_tile_size
 from wsi_server.library import fingerprint
 from wsi_server.readers import ReaderRegistry, SlideReader, default_registry
 from wsi_server.readers.zarr_backend import (
@@ -139,12 +139,11 @@ class ConvertResult:
 
 # -- the plan (pure) -------------------------------------------------------------
 def pyramid_dims(width: int, height: int, tile: int) -> tuple[tuple[int, int], ...]:
-    """Level sizes: halving with ceil (as Deep Zoom does) until the level fits one tile."""
-    dims = [(width, height)]
-    while dims[-1][0] > tile or dims[-1][1] > tile:
-        w, h = dims[-1]
-        dims.append((-(-w // 2), -(-h // 2)))
-    return tuple(dims)
+    """Level sizes: the Deep Zoom levels, finest first, down to the first that fits one
+    tile."""
+    dims = halvings((width, height))
+    fits = next(i for i, (w, h) in enumerate(dims) if w <= tile and h <= tile)
+    return dims[: fits + 1]
 
 
 def _pow2_floor(n: int) -> int:

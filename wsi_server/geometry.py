@@ -147,6 +147,15 @@ class DeepZoomGeometry:
         )
 
 
+def halvings(z_size: Size) -> tuple[Size, ...]:
+    """Deep Zoom level sizes, finest first: halving with ceil down to 1×1."""
+    z_dims = [z_size]
+    while z_size[0] > 1 or z_size[1] > 1:
+        z_size = (max(1, _ceil_div(z_size[0], 2)), max(1, _ceil_div(z_size[1], 2)))
+        z_dims.append(z_size)
+    return tuple(z_dims)
+
+
 def deep_zoom(pyramid: Pyramid, params: GeometryParams) -> DeepZoomGeometry:
     """The Deep Zoom pyramid that ``DeepZoomGenerator(slide, *params)`` would build."""
     if params.tile_size < 1 or params.overlap < 0:
@@ -161,12 +170,7 @@ def deep_zoom(pyramid: Pyramid, params: GeometryParams) -> DeepZoomGeometry:
         )
     else:
         l0_offset = (0, 0)
-    z_size = l_dims[0]
-    z_dims = [z_size]
-    while z_size[0] > 1 or z_size[1] > 1:
-        z_size = (max(1, _ceil_div(z_size[0], 2)), max(1, _ceil_div(z_size[1], 2)))
-        z_dims.append(z_size)
-    z_dims.reverse()
+    z_dims = list(reversed(halvings(l_dims[0])))
     t = params.tile_size
     t_dims = tuple((math.ceil(w / t), math.ceil(h / t)) for w, h in z_dims)
     n = len(z_dims)
