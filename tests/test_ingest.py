@@ -397,3 +397,33 @@ def test_settle_tracker_needs_an_unchanged_signature_for_the_settle_time(tmp_pat
     now[0] += 5.0
     assert tracker.observe(tmp_path, [unit]) == [unit]
     assert tracker.observe(tmp_path, []) == [] and tracker.next_deadline() is None
+
+
+def test_one_ingest_per_library_and_a_standby_takes_over(
+    tmp_path: Path, slides: dict[str, Path]
+) -> None:
+    """With --workers N every worker starts ingest: one holds the library's lock and
+    ingests, the others stand by and take over when it stops."""
+    watch, lib = tmp_path / "watch", tmp_path / "library"
+    config = IngestConfig(watch, lib, settle_seconds=0.2, poll=True, poll_interval=0.05)
+    first, second = IngestPipeline(config), IngestPipeline(config)
+    try:
+        first.start()
+        wait_for(lambda: first.lock.held)
+        second.start()
+        shutil.copy(slides["a"], watch / "one.svs")
+        wait_for(lambda: (lib / "one.svs").exists())
+        assert not second.lock.held
+        assert first.status()["runs_here"] and not second.status()["runs_here"]
+        # both report the same queue and history: the state is the library's
+        assert [r["name"] for r in second.status()["recent"]] == ["one.svs"]
+        first.close()
+        wait_for(lambda: second.lock.held, timeout=10)
+        shutil.copy(slides["b"], watch / "two.svs")
+        wait_for(lambda: (lib / "two.svs").exists())
+        assert sorted(p.name for p in lib.iterdir() if not p.name.startswith(".")) == [
+            "one.svs", "two.svs"
+        ]
+    finally:
+        first.close()
+        second.close()

@@ -63,7 +63,7 @@ def test_kill_mid_ingest_then_restart_ends_exactly_once(
     assert run_ingest(watch, lib, copy, None) == 0
     assert sha(lib / "scan.svs") == sha(scan)
     assert not (watch / "scan.svs").exists()
-    assert sorted(p.name for p in lib.iterdir() if not p.name.startswith(".wsi-ingest.sqlite")) \
+    assert sorted(p.name for p in lib.iterdir() if not p.name.startswith(".wsi-ingest.")) \
         == ["scan.svs"]
     assert not (lib / STAGING_DIR).exists()
     state = IngestState.in_library(lib)

@@ -17,6 +17,7 @@ name when another slide already holds it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import logging
@@ -116,6 +117,42 @@ def _write_json(path: Path, body: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+LOCK_FILE = ".wsi-ingest.lock"
+
+
+class LibraryLock:
+    """One ingest per library: an exclusive ``flock`` on ``LIBRARY/.wsi-ingest.lock``.
+
+    Several worker processes (``--workers N``) or replicas may all run with ``--ingest``;
+    the one holding the lock ingests, the others wait to take over if it dies (the kernel
+    releases the lock with the process)."""
+
+    def __init__(self, library: Path) -> None:
+        self.path = library / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
 class IngestPipeline:
     def __init__(self, config: IngestConfig, on_ingested: OnIngested | None = None) -> None:
         self.config = config
@@ -136,6 +173,7 @@ class IngestPipeline:
         self._threads: list[threading.Thread] = []
         self._skip = {p.name for p in (self.quarantine, self.duplicates)
                       if p.parent == self.watch}
+        self.lock = LibraryLock(self.library)
 
     # -- running ---------------------------------------------------------------
     def start(self) -> None:
@@ -166,8 +204,22 @@ class IngestPipeline:
         self.stop()
         if not self._threads:
             self.state.close()
+            self.lock.release()
+
+    def _acquire(self) -> bool:
+        """Wait for the library's ingest lock; False when stopped before getting it."""
+        logged = False
+        while not self.lock.try_acquire():
+            if not logged:
+                log.info("ingest: another process ingests into %s; standing by", self.library)
+                logged = True
+            if self._stop.wait(1.0):
+                return False
+        return True
 
     def _run(self) -> None:
+        if not self._acquire():
+            return
         try:
             self.recover()
         except Exception:
@@ -199,6 +251,8 @@ class IngestPipeline:
 
     def run_until_idle(self, timeout: float = 60.0) -> None:
         """Run the loop in this thread until nothing is arriving or queued (tests, CLI)."""
+        if not self._acquire():
+            return
         self.recover()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -442,6 +496,7 @@ class IngestPipeline:
         waiting.sort(key=lambda r: (not r.urgent, r.settled_at or float("inf"), r.id))
         return {
             "enabled": True,
+            "runs_here": self.lock.held,  # else another process holds the library's lock
             "settle_seconds": self.config.settle_seconds,
             "queue": {
                 "waiting": [item(r) for r in waiting],
