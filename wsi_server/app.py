@@ -261,7 +261,7 @@ def create_app(
             status_code=500,
         )
 
-    from wsi_server.ingest import IngestHook  # issue 6: GET /api/ingest, pipeline in lifespan
+    from wsi_server.ingest import IngestHook  # GET /api/ingest; the pipeline runs in the lifespan
 
     ingest = IngestHook(settings, library)
     warm_tasks: set[concurrent.futures.Future[None]] = set()
@@ -287,7 +287,7 @@ def create_app(
         rescanner = None
         if settings.ingest_warm_levels > 0:
             ingest.on_slide = lambda sid: warm_after_ingest(loop, sid)
-        await loop.run_in_executor(None, ingest.start)  # issue 6: no-op unless --ingest
+        await loop.run_in_executor(None, ingest.start)  # no-op unless --ingest
         if settings.rescan_seconds > 0:
             rescanner = asyncio.create_task(_rescan(library, executor, settings.rescan_seconds))
         try:

@@ -129,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("slide", help="slide file, or DICOM-WSI folder")
     info.set_defaults(func=cmd_info)
     # -- more commands register below (convert, ingest, warm) --
-    from wsi_server.convert import add_convert_command  # issue 4: zarr conversion
+    from wsi_server.convert import add_convert_command
 
     add_convert_command(sub)
-    from wsi_server.ingest.command import add_ingest_command  # issue 6: ingest
+    from wsi_server.ingest.command import add_ingest_command
 
     add_ingest_command(sub)
 

@@ -175,7 +175,7 @@ class Library:
         raise ValueError("path is not under a library root")
 
     def converted_copy(self, path: Path) -> Path | None:
-        """The complete zarr copy of a slide under ``convert_dir`` (issue 4), if any: it is
+        """The complete zarr copy of a slide under ``convert_dir``, if any: it is
         served in place of the original, under the original's id and name."""
         if self.convert_dir is None:
             return None

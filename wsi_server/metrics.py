@@ -44,7 +44,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# -- Server-Timing (issue 3) ------------------------------------------------------
+# -- Server-Timing ---------------------------------------------------------------
 def server_timing(source: str, seconds: float) -> str:
     """A ``Server-Timing`` entry naming how a tile was produced (memory, redis,
     passthrough, rendered) and how long it took."""

@@ -48,7 +48,7 @@ class Settings:
     redis_url: str | None = _opt(
         "Redis URL for a tile cache shared by every worker and replica.", default=None
     )
-    # -- Redis tier (issue 3) --
+    # -- Redis tier --
     cache_ttl: int = _opt(
         "Seconds a tile stays in Redis (0: until Redis evicts it).", default=7 * 86400
     )
@@ -104,7 +104,7 @@ class Settings:
         "then serves in place of the original.",
         default=False,
     )
-    # -- zarr conversion (issue 4) --
+    # -- zarr conversion --
     convert_dir: Path | None = _opt(
         "Folder of converted copies (wsi-server convert): a slide is served from "
         "DIR/<its path under the root>.zarr once that store is complete. Keep DIR outside "
