@@ -94,7 +94,7 @@ def run_cli(settings: Settings, target: str, levels: int) -> int:
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from wsi_server.app import build_cache
+    from wsi_server.cache import build_cache
     from wsi_server.geometry import GeometryParams
     from wsi_server.library import Library
     from wsi_server.pool import ReaderPool

@@ -12,8 +12,9 @@ from wsi_server.cache.memory import MemoryCache
 
 if TYPE_CHECKING:
     from wsi_server.metrics import Metrics
+    from wsi_server.settings import Settings
 
-__all__ = ["MemoryCache", "NullCache", "TileCache"]
+__all__ = ["MemoryCache", "NullCache", "TileCache", "build_cache"]
 
 
 @runtime_checkable
@@ -66,3 +67,14 @@ class NullCache:
 
     async def close(self) -> None:
         return None
+
+
+def build_cache(settings: Settings) -> TileCache:
+    """The tile cache the settings ask for: Redis behind a memory tier, memory, or none."""
+    if settings.redis_url:
+        from wsi_server.cache.redis import build_tiered_cache
+
+        return build_tiered_cache(settings)
+    if settings.cache_size > 0:
+        return MemoryCache(settings.cache_size * 2**20)
+    return NullCache()

@@ -67,6 +67,8 @@ class IngestHook:
             pipeline.close()
 
     def routes(self) -> list[BaseRoute]:
+        """``GET /api/ingest``: the queue, recent outcomes and failures."""
+
         async def ingest_status(request: Request) -> Response:
             pipeline = self.pipeline
             if pipeline is None:

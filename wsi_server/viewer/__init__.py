@@ -20,6 +20,7 @@ import hashlib
 import html
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -29,6 +30,9 @@ from starlette.types import Scope
 
 from wsi_server.errors import NotFound
 from wsi_server.settings import Settings
+
+if TYPE_CHECKING:
+    from wsi_server.context import AppContext
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +119,11 @@ def _static_files(version: str) -> dict[str, tuple[bytes, str]]:
             text = path.read_text(encoding="utf-8").replace("{{v}}", version)
             files[path.name] = (text.encode(), media_type)
     return files
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    """The viewer front."""
+    return viewer_routes(ctx.settings)
 
 
 def viewer_routes(settings: Settings, osd_dir: Path | None = None) -> list[BaseRoute]:
