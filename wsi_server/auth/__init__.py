@@ -1,0 +1,1 @@
+"""Identity: OpenID Connect sign-in, bearer tokens, principals and the access policy."""
