@@ -1,6 +1,9 @@
 # wsi-server image: multi-stage, non-root, configured by WSI_* variables.
 #   docker build -t wsi-server .
-#   docker run -p 8000:8000 -v /path/to/slides:/slides:ro -e WSI_REDIS_URL=redis://redis:6379/0 wsi-server
+#   docker run -p 8000:8000 -v /path/to/slides:/slides:ro -e WSI_REDIS_URL=redis://redis:6379/0 \
+#     -e WSI_AUTH=oidc -e WSI_OIDC_ISSUER=... -e WSI_OIDC_CLIENT_ID=... wsi-server
+# It listens on 0.0.0.0, so it refuses to start without sign-in (WSI_AUTH=oidc) unless
+# WSI_ALLOW_ANONYMOUS=1 says the network may see every slide.
 # Every `wsi-server serve` flag has a WSI_* variable (see the README's configuration table).
 
 # -- build: install the package and its dependencies into a self-contained venv ----------
@@ -30,10 +33,12 @@ ENV PATH=/opt/wsi/bin:$PATH \
     WSI_PORT=8000 \
     WSI_WORKERS=2 \
     WSI_CACHE_SIZE=256 \
-    WSI_VIEWER_ASSETS=/opt/wsi/viewer-assets
+    WSI_VIEWER_ASSETS=/opt/wsi/viewer-assets \
+    WSI_STATE_DIR=/var/lib/wsi-server
+RUN mkdir -p /var/lib/wsi-server && chown wsi:wsi /var/lib/wsi-server && chmod 700 /var/lib/wsi-server
 USER wsi
 WORKDIR /home/wsi
-VOLUME ["/slides"]
+VOLUME ["/slides", "/var/lib/wsi-server"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WSI_PORT', '8000'), timeout=2)"]

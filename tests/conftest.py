@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,17 @@ from sample_slides import write_generic_tiff, write_svs_like
 from wsi_server.app import create_app
 from wsi_server.settings import Settings
 
-pytest_plugins = ["tests.plugins.redis_server", "tests.plugins.browser"]
+pytest_plugins = [
+    "tests.plugins.redis_server",
+    "tests.plugins.browser",
+    "tests.plugins.postgres_server",
+    "tests.plugins.oidc_provider",
+    "tests.plugins.jwks_server",
+]
+
+# Apps built by tests keep their state (SQLite store, session key) in a folder of the
+# test run, never in the user's ~/.local/state.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="wsi-test-state-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_SLIDES = Path(os.environ.get("WSI_TEST_SLIDES", ROOT.parent / "shared" / "slides"))

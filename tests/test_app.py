@@ -320,10 +320,10 @@ def test_slide_added_during_a_rescan_is_kept(
     proceed = threading.Event()
     real_load = library._load
 
-    def slow_load(sid: str, path: Path) -> Any:
+    def slow_load(sid: str, path: Path, *rest: Any) -> Any:
         walked.set()
         proceed.wait(5)
-        return real_load(sid, path)
+        return real_load(sid, path, *rest)
 
     library._load = slow_load
     scan = threading.Thread(target=library.scan)

@@ -8,25 +8,30 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 from wsi_server import viewer
+from wsi_server.auth.middleware import PrincipalBackend, RequireSignIn, on_auth_error
 from wsi_server.cache import TileCache
 from wsi_server.context import AppContext, build_context
 from wsi_server.library import Library
 from wsi_server.metrics import ServerTimingMiddleware
 from wsi_server.readers import ReaderRegistry
-from wsi_server.settings import Settings
+from wsi_server.settings import Settings, is_loopback
+from wsi_server.store._time import utcnow
 from wsi_server.warm import warm
-from wsi_server.web import api, deepzoom, ops
+from wsi_server.web import api, audit, auth, deepzoom, ops, shares
 from wsi_server.web.errors import exception_handlers
-from wsi_server.web.middleware import GzipExceptTiles
+from wsi_server.web.middleware import GzipExceptTiles, Hardening
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +45,25 @@ def create_app(
     routes: list[BaseRoute] = [
         *deepzoom.routes(ctx),  # first: the router tries routes in order, tiles are most
         *api.routes(ctx),
+        *shares.routes(ctx),
+        *auth.routes(ctx),
+        *audit.routes(ctx),
         *ops.routes(ctx),
         *viewer.routes(ctx),
         *ctx.ingest.routes(),
     ]
-    middleware = [Middleware(ServerTimingMiddleware), Middleware(GzipExceptTiles)]
+    middleware = [
+        Middleware(Hardening, frame_ancestors=settings.frame_ancestors,
+                   public_url=settings.public_url),
+        Middleware(ServerTimingMiddleware),
+        Middleware(GzipExceptTiles),
+        Middleware(AuthenticationMiddleware, backend=PrincipalBackend(ctx.auth),
+                   on_error=on_auth_error),
+        Middleware(RequireSignIn, enabled=settings.auth != "none"),
+    ]
     if settings.cors_origins:
         middleware.insert(
-            0,
+            1,
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
@@ -97,6 +113,10 @@ def _lifespan(ctx: AppContext) -> Lifespan:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        if settings.auth == "none" and not is_loopback(settings.host):
+            log.warning("serving every slide WITHOUT SIGN-IN on %s (--allow-anonymous): "
+                        "anyone who reaches this port sees every slide", settings.host)
+        housekeeping = asyncio.create_task(_housekeeping(ctx))
         await loop.run_in_executor(ctx.executor, ctx.library.scan)
         rescanner = None
         if settings.ingest_warm_levels > 0:
@@ -109,15 +129,41 @@ def _lifespan(ctx: AppContext) -> Lifespan:
         try:
             yield
         finally:
+            housekeeping.cancel()
             if rescanner is not None:
                 rescanner.cancel()
             await loop.run_in_executor(None, ctx.ingest.stop)
             if ctx.isolation is not None:
                 await loop.run_in_executor(None, ctx.isolation.close)
             await ctx.cache.close()
+            await ctx.auth.close()
             ctx.executor.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
+
+
+async def _housekeeping(ctx: AppContext, every: float = 5.0) -> None:
+    """Write the audit trail's view counters every few seconds; once a day, apply the
+    audit retention and drop expired sign-ins."""
+    auth = ctx.auth
+    retention = ctx.settings.audit_retention_days
+    next_purge = 0.0
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await auth.run(auth.audit.flush)
+            now = time.monotonic()
+            if now >= next_purge:
+                next_purge = now + 86400
+                await auth.run(auth.sessions.purge_expired)
+                if retention > 0:
+                    cutoff = utcnow() - timedelta(days=retention)
+                    purged = await auth.run(auth.audit.purge, cutoff)
+                    if purged:
+                        log.info("audit retention: %d records older than %d days deleted",
+                                 purged, retention)
+        except Exception:
+            log.exception("audit housekeeping failed (retried in %.0f s)", every)
 
 
 async def _rescan(library: Library, executor: ThreadPoolExecutor, every: float) -> None:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from starlette.requests import HTTPConnection
 
+from wsi_server.auth import policy
+from wsi_server.auth.principal import Principal, anonymous
+from wsi_server.auth.service import AuthService, load_secret
 from wsi_server.cache import TileCache, build_cache
 from wsi_server.errors import SlideNotFound, UnreadableSlide, UnsupportedSlide, WsiServerError
 from wsi_server.geometry import GeometryParams
@@ -29,7 +32,6 @@ from wsi_server.settings import Settings
 from wsi_server.tiles import TileService
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-HIDDEN_ASSOCIATED = frozenset({"label", "macro"})
 
 
 @dataclass(eq=False)
@@ -43,6 +45,7 @@ class AppContext:
     executor: ThreadPoolExecutor
     threads: int
     ingest: IngestHook
+    auth: AuthService
     isolation: IsolatedProbe | None = None
 
     # -- the one slide helper ------------------------------------------------------
@@ -61,20 +64,42 @@ class AppContext:
         JSON API describes unreadable slides).
         """
         entry = self.library.entry(self.slide_id_of(conn))
+        who = principal(conn)
+        if not policy.can_see(who, entry.id, entry.collection):
+            raise SlideNotFound("no slide with this id")
         if self.library.is_stale(entry):
             entry = await self.tiles.run(self.library.refresh, entry)
         if readable and entry.error is not None:
             raise entry.error
+        await self.auth.record_view(who, entry.id, conn.client.host if conn.client else "")
         return entry
 
     def visible_slides(self, conn: HTTPConnection) -> list[SlideEntry]:
         """The library entries the requester may see, by name."""
-        return self.library.entries()
+        who = principal(conn)
+        return [e for e in self.library.entries() if policy.can_see(who, e.id, e.collection)]
 
-    def hidden_associated(self, conn: HTTPConnection) -> frozenset[str]:
-        """Associated images withheld from this requester (label and macro carry patient
-        identifiers)."""
-        return HIDDEN_ASSOCIATED if self.settings.hide_associated else frozenset()
+    def hidden_associated(self, conn: HTTPConnection, entry: SlideEntry) -> frozenset[str]:
+        """Associated images withheld from this requester: label and macro (patient
+        identifiers) when the server hides them, or from a share-link viewer unless the
+        link allows them."""
+        return policy.withheld_associated(
+            principal(conn), entry.id, entry.collection, self.settings.hide_associated
+        )
+
+    def cache_control(self, conn: HTTPConnection, immutable: bool) -> str:
+        """Cache-Control of a slide's tiles and descriptors: what a signed-in user or a
+        share link sees may be kept by the browser only, never by a shared proxy."""
+        scope = "public" if principal(conn).kind == "anonymous" else "private"
+        return f"{scope}, max-age=31536000, immutable" if immutable else f"{scope}, no-cache"
+
+
+def principal(conn: HTTPConnection) -> Principal:
+    """The requester, as the auth middleware resolved it."""
+    user = conn.scope.get("user")
+    if not isinstance(user, Principal):  # no auth middleware: nobody
+        return anonymous(everything=False)
+    return user
 
 
 def build_context(
@@ -90,6 +115,7 @@ def build_context(
     threads = settings.render_threads or os.cpu_count() or 2
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-render")
     tile_cache = cache or build_cache(settings)
+    auth = build_auth(settings, library.roots)
     tiles = TileService(
         library,
         tile_cache,
@@ -108,8 +134,36 @@ def build_context(
         executor=executor,
         threads=threads,
         ingest=IngestHook(settings, library),
+        auth=auth,
         isolation=isolation,
     )
+
+
+def state_dir(settings: Settings, roots: tuple[Path, ...]) -> Path:
+    """The state folder: the setting, else $XDG_STATE_HOME/wsi-server; created, and
+    refused inside a library root (the library must hold slides only)."""
+    if settings.state_dir is not None:
+        folder = settings.state_dir
+    else:
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        folder = Path(base) / "wsi-server"
+    folder = folder.resolve()
+    for root in roots:
+        if folder == root or root in folder.parents:
+            raise ValueError(f"the state folder {folder} is inside the library root {root}; "
+                             "give --state-dir outside every library root")
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def build_auth(settings: Settings, roots: tuple[Path, ...]) -> AuthService:
+    """The store (migrated), the access file and the auth service over them."""
+    from wsi_server.store.engine import Store, default_database_url
+
+    folder = state_dir(settings, roots)
+    access = policy.load_access_config(settings.access_config)
+    store = Store.open(settings.database_url or default_database_url(folder))
+    return AuthService(settings, store, access, load_secret(settings, folder))
 
 
 class IsolatedProbe:

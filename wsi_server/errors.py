@@ -4,11 +4,16 @@
 
     WsiServerError                      500 internal_error
     ├── BadRequest                      400 bad_request
+    ├── Unauthenticated                 401 unauthenticated
+    ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
     │   ├── SlideNotFound               404 slide_not_found
     │   └── TileNotFound                404 tile_not_found
+    ├── Gone                            410 gone
+    │   └── ShareExpired                410 share_expired
     ├── UnsupportedSlide                415 unsupported_format
     ├── UnreadableSlide                 422 unreadable_slide
+    ├── TooManyRequests                 429 too_many_requests
     └── BackendUnavailable              503 backend_unavailable
 
 Every error reaches a client as ``{"error": code, "detail": text}``; the text is written
@@ -23,6 +28,8 @@ class WsiServerError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    headers: dict[str, str] | None = None
+    """Extra response headers (e.g. ``Retry-After``)."""
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)
@@ -32,6 +39,21 @@ class WsiServerError(Exception):
 class BadRequest(WsiServerError):
     status = 400
     code = "bad_request"
+
+
+class Unauthenticated(WsiServerError):
+    """No identity, or one that does not verify (bad, expired or revoked token or cookie)."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(WsiServerError):
+    """Known identity without the right (e.g. not an admin, a cross-site request). Slides a
+    principal may not see are ``SlideNotFound``, never this: they must look absent."""
+
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(WsiServerError):
@@ -45,6 +67,22 @@ class SlideNotFound(NotFound):
 
 class TileNotFound(NotFound):
     code = "tile_not_found"
+
+
+class Gone(WsiServerError):
+    status = 410
+    code = "gone"
+
+
+class ShareExpired(Gone):
+    """A share link that has expired or been revoked."""
+
+    code = "share_expired"
+
+
+class TooManyRequests(WsiServerError):
+    status = 429
+    code = "too_many_requests"
 
 
 class UnsupportedSlide(WsiServerError):

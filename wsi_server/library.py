@@ -41,6 +41,15 @@ def slide_id(relative: str) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
 
+def collection_of(root: Path, path: Path) -> str | None:
+    """The collection of a slide: the top-level folder of its library root (``None`` for
+    a slide at the top of a root, or a root that is the slide itself)."""
+    if path == root:
+        return None
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
 def _files_of(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
@@ -105,6 +114,9 @@ class SlideEntry:
     size_bytes: int
     metadata: SlideMetadata | None = None
     error: WsiServerError | None = None
+    collection: str | None = None
+    """Top-level folder of the library root the slide is under (access is granted per
+    collection)."""
     added: float = field(default_factory=time.time)
     checked: float = field(default_factory=time.monotonic)
 
@@ -146,10 +158,11 @@ class Library:
                 log.warning("library root %s does not exist", root)
                 continue
             for path in find_slides(root):
-                sid = slide_id(self._relative(i, path))
+                rel = self._relative(i, path)
+                sid = slide_id(rel)
                 if sid in seen:
                     continue
-                entry = self._load(sid, path)
+                entry = self._load(sid, path, collection_of(root, path))
                 if entry is not None:
                     seen[sid] = entry
         with self._lock:
@@ -167,7 +180,8 @@ class Library:
         path = path.resolve()
         for i, root in enumerate(self.roots):
             if path == root or root in path.parents:
-                entry = self._load(slide_id(self._relative(i, path)), path)
+                rel = self._relative(i, path)
+                entry = self._load(slide_id(rel), path, collection_of(root, path))
                 if entry is not None:
                     with self._lock:
                         self._entries[entry.id] = entry
@@ -188,7 +202,7 @@ class Library:
                 return store if is_complete_store(store) else None
         return None
 
-    def _load(self, sid: str, path: Path) -> SlideEntry | None:
+    def _load(self, sid: str, path: Path, collection: str | None) -> SlideEntry | None:
         old = self._entries.get(sid)
         name = old.name if old is not None else path.name
         path = self.converted_copy(path) or path
@@ -200,7 +214,7 @@ class Library:
         if old is not None and old.fingerprint == fp:
             old.checked = time.monotonic()
             return old
-        entry = SlideEntry(sid, name, path, fp, size)
+        entry = SlideEntry(sid, name, path, fp, size, collection=collection)
         if self.probe is not None:
             refused = self.probe(path)
             if refused is not None:
@@ -237,7 +251,7 @@ class Library:
             with self._lock:
                 self._entries.pop(entry.id, None)
             raise SlideNotFound("the slide has been removed")
-        fresh = self._load(entry.id, entry.path)
+        fresh = self._load(entry.id, entry.path, entry.collection)
         if fresh is None:
             raise SlideNotFound("the slide cannot be reached")
         if fresh is not entry:

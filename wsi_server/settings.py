@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,76 @@ class Settings:
         "node_modules/openseadragon/build/openseadragon of the source tree (npm ci).",
         default=None,
     )
+    # -- access control and state --
+    auth: str = _opt(
+        "Who may connect: 'none' (no sign-in; only on a loopback address unless "
+        "--allow-anonymous) or 'oidc' (hospital single sign-on and bearer tokens from an "
+        "OpenID Connect provider).",
+        default="none",
+    )
+    allow_anonymous: bool = _opt(
+        "Serve without sign-in on a non-loopback address (--auth none). Everyone who can "
+        "reach the port sees every slide; a warning is logged at every start.",
+        default=False,
+    )
+    oidc_issuer: str | None = _opt(
+        "Issuer URL of the OpenID Connect provider (its discovery document is "
+        "ISSUER/.well-known/openid-configuration).",
+        default=None,
+    )
+    oidc_client_id: str | None = _opt("Client id registered at the provider.", default=None)
+    oidc_client_secret: str | None = _opt(
+        "Client secret registered at the provider (prefer the environment variable).",
+        default=None,
+    )
+    oidc_audience: str | None = _opt(
+        "Audience that bearer JWT access tokens must name (default: the client id).",
+        default=None,
+    )
+    oidc_groups_claim: str = _opt(
+        "Claim (of the ID token or userinfo, or of a bearer token) listing the user's "
+        "groups; the access file grants collections to groups.",
+        default="groups",
+    )
+    oidc_scopes: str = _opt(
+        "Scopes asked at sign-in besides 'openid' (space separated).", default="profile email"
+    )
+    access_config: Path | None = _opt(
+        "Access file (TOML): which groups see which collections, and who is admin. "
+        "Without it, signed-in users see nothing but share links.",
+        default=None,
+    )
+    public_url: str | None = _opt(
+        "The server's external URL behind a proxy (e.g. https://slides.example.org); used "
+        "for sign-in redirects, share links and cookie security.",
+        default=None,
+    )
+    state_dir: Path | None = _opt(
+        "Folder of the server's state (the SQLite database, the session key); never inside a "
+        "library root. Default: $XDG_STATE_HOME/wsi-server (~/.local/state/wsi-server).",
+        default=None,
+    )
+    database_url: str | None = _opt(
+        "SQLAlchemy URL of the state store (default: SQLite in --state-dir; "
+        "postgresql+psycopg://... for several replicas).",
+        default=None,
+    )
+    session_secret: str | None = _opt(
+        "Key that signs session and share cookies; replicas must share it. Default: a "
+        "random key kept in --state-dir.",
+        default=None,
+    )
+    session_hours: float = _opt("Hours a sign-in lasts.", default=12.0)
+    share_max_days: int = _opt("Longest lifetime of a share link, in days.", default=30)
+    audit_retention_days: int = _opt(
+        "Days audit records are kept before a daily purge deletes them (0: kept for ever).",
+        default=0,
+    )
+    frame_ancestors: str = _opt(
+        "CSP frame-ancestors: who may embed the viewer in a frame (e.g. \"'self' "
+        "https://pacs.example.org\").",
+        default="'self'",
+    )
     log_level: str = _opt("Logging level.", default="info")
     bench_routes: bool = _opt(
         "Mount benchmark-only routes (/bench/bytes/{n}). Never enable in production.",
@@ -215,6 +286,15 @@ def from_sources(
     return settings
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def validate(s: Settings) -> None:
     if s.ingest_convert and s.convert_dir is None:
         raise ValueError("ingest_convert needs convert_dir: the folder converted copies go to")
@@ -224,6 +304,19 @@ def validate(s: Settings) -> None:
         raise ValueError("tile_size must be >= 1 and overlap >= 0")
     if s.cache_size < 0 or s.pool_size < 1 or s.workers < 1:
         raise ValueError("cache_size must be >= 0, pool_size and workers >= 1")
+    if s.auth not in ("none", "oidc"):
+        raise ValueError("auth must be 'none' or 'oidc'")
+    if s.auth == "none" and not s.allow_anonymous and not is_loopback(s.host):
+        raise ValueError(
+            f"refusing to serve every slide without sign-in on {s.host}, which is not a "
+            "loopback address: use --auth oidc (hospital sign-in), or --allow-anonymous if "
+            "this network is trusted to see every slide"
+        )
+    if s.auth == "oidc" and not (s.oidc_issuer and s.oidc_client_id):
+        raise ValueError("--auth oidc needs --oidc-issuer and --oidc-client-id")
+    if s.share_max_days < 1 or s.session_hours <= 0 or s.audit_retention_days < 0:
+        raise ValueError("share_max_days must be >= 1, session_hours > 0, "
+                         "audit_retention_days >= 0")
     if s.cache_ttl < 0 or s.cache_item_max < 1 or s.redis_timeout <= 0:
         raise ValueError("cache_ttl must be >= 0, cache_item_max and redis_timeout > 0")
 

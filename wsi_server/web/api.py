@@ -62,7 +62,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
 
     async def slide_detail(request: Request) -> Response:
         entry = await ctx.slide(request, readable=False)
-        hidden = ctx.hidden_associated(request)
+        hidden = ctx.hidden_associated(request, entry)
         body = slide_summary(entry)
         meta = entry.metadata
         if meta is not None:
@@ -94,7 +94,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     async def associated(request: Request) -> Response:
         entry = await ctx.slide(request)
         name = str(request.path_params["name"])
-        if name in ctx.hidden_associated(request):  # as if absent: the server withholds them
+        if name in ctx.hidden_associated(request, entry):  # as if absent: the server withholds them
             raise NotFound("the slide has no associated image of this name")
         data, etag = await service.associated(entry.id, name)
         return image_response(request, data, etag, PRIVATE)

@@ -16,7 +16,6 @@ from wsi_server.errors import BadRequest
 from wsi_server.geometry import dzi_xml
 from wsi_server.metrics import server_timing
 from wsi_server.tiles import GeometryKind
-from wsi_server.web.common import IMMUTABLE, REVALIDATE
 
 _TILE = re.compile(r"^(\d{1,9})_(\d{1,9})\.([a-z]{1,8})$")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -40,7 +39,10 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             return Response(
                 dzi_xml(geom, "jpeg"),
                 media_type="application/xml",
-                headers={"Cache-Control": REVALIDATE, "ETag": f'"{entry.fingerprint}"'},
+                headers={
+                    "Cache-Control": ctx.cache_control(request, immutable=False),
+                    "ETag": f'"{entry.fingerprint}"',
+                },
             )
 
         return handler
@@ -53,7 +55,10 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             )
             ref = await service.locate(entry.id, kind, level, col, row, fmt)
             versioned = request.query_params.get("v") == ref.entry.fingerprint
-            headers = {"ETag": ref.etag, "Cache-Control": IMMUTABLE if versioned else REVALIDATE}
+            headers = {
+                "ETag": ref.etag,
+                "Cache-Control": ctx.cache_control(request, immutable=versioned),
+            }
             if ref.etag in request.headers.get("if-none-match", ""):
                 return Response(status_code=304, headers=headers)
             started = time.perf_counter()

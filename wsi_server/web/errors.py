@@ -22,7 +22,7 @@ def exception_handlers(metrics: Metrics) -> dict[type[Exception], ErrorHandler]:
         assert isinstance(exc, WsiServerError)
         metrics.errors.labels(exc.code).inc()
         return JSONResponse(error_body(exc), status_code=exc.status,
-                            headers=getattr(exc, "headers", None))
+                            headers=exc.headers)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
