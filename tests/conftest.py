@@ -71,12 +71,14 @@ def synthetic_slides(synthetic_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def make_client() -> Iterator[object]:
-    """Build an app from settings and return an entered TestClient."""
+def make_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """Build an app from settings and return an entered TestClient (each app with a
+    state folder of its own)."""
     clients: list[TestClient] = []
 
     def make(**kw: object) -> TestClient:
         kw.setdefault("rescan_seconds", 0)
+        kw.setdefault("state_dir", tmp_path_factory.mktemp("state"))
         client = TestClient(create_app(Settings(**kw)))  # type: ignore[arg-type]
         client.__enter__()
         clients.append(client)

@@ -44,6 +44,16 @@ def test_dropped_scan_is_served_and_reported(make_client: Any, tmp_path: Path) -
     assert report["queue"] == {"waiting": [], "in_progress": [], "urgent": []}
     assert {e["kind"] for e in report["events"]} >= {"seen", "settled", "valid", "ingested"}
     assert (watch / "quarantine" / "broken.svs.error.json").exists()
+    # both outcomes are in the audit trail, without the file names
+    events = client.get("/api/audit", params={"action": "ingest."}).json()["events"]
+    by_action = {e["action"]: e for e in events}
+    assert set(by_action) == {"ingest.done", "ingest.quarantined"}
+    assert by_action["ingest.done"]["slide"] == slide["id"]
+    assert by_action["ingest.done"]["outcome"] == "success"
+    failed = by_action["ingest.quarantined"]
+    assert failed["outcome"] == "failure" and failed["slide"] is None
+    assert failed["detail"]["reason"]["error"] == "unreadable_slide"
+    assert "broken.svs" not in str(events)
 
 
 def test_ingest_report_when_off(make_client: Any, tmp_path: Path) -> None:

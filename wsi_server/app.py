@@ -121,6 +121,7 @@ def _lifespan(ctx: AppContext) -> Lifespan:
         rescanner = None
         if settings.ingest_warm_levels > 0:
             ctx.ingest.on_slide = lambda sid: warm_after_ingest(loop, sid)
+        ctx.ingest.on_outcome = ctx.auth.record_ingest
         await loop.run_in_executor(None, ctx.ingest.start)  # no-op unless --ingest
         if settings.rescan_seconds > 0:
             rescanner = asyncio.create_task(

@@ -30,6 +30,7 @@ from starlette.requests import HTTPConnection
 from wsi_server.auth.policy import AccessConfig
 from wsi_server.auth.principal import Principal, ShareGrant, anonymous
 from wsi_server.errors import Unauthenticated
+from wsi_server.ingest.state import ScanRecord
 from wsi_server.settings import Settings
 from wsi_server.store.audit import AuditLog
 from wsi_server.store.engine import Store
@@ -316,6 +317,19 @@ class AuthService:
         await self.run(
             lambda: self.audit.append(action, actor, name, slide=slide, outcome=outcome,  # type: ignore[arg-type]
                                       detail=detail, client=client)
+        )
+
+    def record_ingest(self, rec: ScanRecord) -> None:
+        """Called from the ingest thread: one audit record per scan outcome (``ingest.done``,
+        ``ingest.quarantined``, ``ingest.duplicate``). No file names: they often carry
+        patient identifiers; the scan number leads to them in ``GET /api/ingest``."""
+        outcome = "done" if rec.state in ("done", "converting") else rec.state
+        detail: dict[str, Any] = {"scan": rec.id, "urgent": rec.urgent}
+        if rec.error:
+            detail["reason"] = {k: rec.error[k] for k in ("error", "detail") if k in rec.error}
+        self.audit.append(
+            f"ingest.{outcome}", "system:ingest", "ingest pipeline", slide=rec.slide_id,
+            outcome="success" if outcome == "done" else "failure", detail=detail,
         )
 
     async def record_failure(self, client: str, reason: str) -> None:

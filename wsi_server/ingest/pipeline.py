@@ -39,6 +39,7 @@ from wsi_server.ingest.validate import DEFAULT_TIMEOUT, Validator
 log = logging.getLogger(__name__)
 
 OnIngested = Callable[[Path], "str | None"]
+OnOutcome = Callable[["ScanRecord"], None]
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ class IngestPipeline:
         self.quarantine = (config.quarantine or self.watch / "quarantine").resolve()
         self.duplicates = self.watch / config.duplicates_dir
         self.on_ingested = on_ingested
+        self.on_outcome: OnOutcome | None = None
+        """Told of each scan's outcome once its files are where they belong: done,
+        quarantined or duplicate (the server writes it to the audit trail)."""
         self.state = IngestState.in_library(self.library)
         self.tracker = SettleTracker(config.settle_seconds)
         self.validator = Validator(config.validate_timeout)
@@ -425,12 +429,23 @@ class IngestPipeline:
             sidecar = ".error.json" if outcome == "quarantined" else ".duplicate.json"
             _write_json(finals[0].with_name(finals[0].name + sidecar), rec.error)
             self.state.event(rec.id, outcome, f"kept in {finals[0].parent.name}/")
-            return self.state.update(rec.id, state=outcome, finished_at=time.time())
+            return self._report(
+                self.state.update(rec.id, state=outcome, finished_at=time.time()))
         sid = self._announce(finals[0])
         self.state.event(rec.id, "ingested", f"now served as slide {sid}")
         if self.config.convert:
-            return self.state.update(rec.id, state="converting", slide_id=sid)
-        return self.state.update(rec.id, state="done", slide_id=sid, finished_at=time.time())
+            return self._report(
+                self.state.update(rec.id, state="converting", slide_id=sid))
+        return self._report(
+            self.state.update(rec.id, state="done", slide_id=sid, finished_at=time.time()))
+
+    def _report(self, rec: ScanRecord) -> ScanRecord:
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(rec)
+            except Exception:  # reporting never stops ingest
+                log.exception("ingest: reporting the outcome of scan %d failed", rec.id)
+        return rec
 
     def _sources_to_remove(self, rec: ScanRecord, sources: list[Path]) -> list[Path]:
         """On recovery of a copy: leave a source that is a *new* drop under the same name."""

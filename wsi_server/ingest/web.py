@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from wsi_server.ingest.pipeline import IngestConfig, IngestPipeline
+from wsi_server.errors import Forbidden
+from wsi_server.ingest.pipeline import IngestConfig, IngestPipeline, OnOutcome
 
 if TYPE_CHECKING:
     from wsi_server.library import Library
@@ -40,6 +41,8 @@ class IngestHook:
         self.pipeline: IngestPipeline | None = None
         self.on_slide: Callable[[str], None] | None = None
         """Called with the id of each slide ingest adds (the server warms its cache)."""
+        self.on_outcome: OnOutcome | None = None
+        """Called from the ingest thread with each scan's outcome (the audit trail)."""
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +61,7 @@ class IngestHook:
             return
         config = IngestConfig.from_settings(self.settings)
         self.pipeline = IngestPipeline(config, self._on_ingested)
+        self.pipeline.on_outcome = self.on_outcome
         self.pipeline.start()
         log.info("ingest: watching %s", config.watch)
 
@@ -70,6 +74,9 @@ class IngestHook:
         """``GET /api/ingest``: the queue, recent outcomes and failures."""
 
         async def ingest_status(request: Request) -> Response:
+            if "admin" not in getattr(request.auth, "scopes", ()):
+                # file names of scans often carry patient identifiers
+                raise Forbidden("the ingest report is for administrators")
             pipeline = self.pipeline
             if pipeline is None:
                 return JSONResponse(_DISABLED)
