@@ -117,6 +117,7 @@ def _lifespan(ctx: AppContext) -> Lifespan:
             log.warning("serving every slide WITHOUT SIGN-IN on %s (--allow-anonymous): "
                         "anyone who reaches this port sees every slide", settings.host)
         housekeeping = asyncio.create_task(_housekeeping(ctx))
+        await ctx.auth.start()
         await loop.run_in_executor(ctx.executor, ctx.library.scan)
         rescanner = None
         if settings.ingest_warm_levels > 0:

@@ -159,6 +159,17 @@ class AuthService:
         """Run a store call off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def start(self) -> None:
+        """Load the provider's metadata at start (sign-out needs its end-session
+        endpoint); a provider that is down now is asked again at the first sign-in."""
+        if self.login is None:
+            return
+        try:
+            await self.login.provider_metadata()
+        except Exception as exc:
+            log.warning("OpenID provider %s not reachable at start: %s",
+                        self.settings.oidc_issuer, exc)
+
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self.executor, self.audit.flush)
         if self.http is not None:
