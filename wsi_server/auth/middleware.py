@@ -18,11 +18,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wsi_server.auth.principal import Principal
 from wsi_server.auth.service import AuthService
-from wsi_server.errors import Unauthenticated
+from wsi_server.errors import Unauthenticated, WsiServerError, error_body
 
 # Reachable without signing in: probes, the sign-in itself, share links, static assets.
 PUBLIC_PREFIXES = ("/auth/", "/s/", "/viewer/static/", "/viewer/osd/")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/favicon.ico", "/api/me"})
+
+
+class CredentialError(AuthenticationError):
+    """Carries the error a credential check ended with (401, or 503 when the identity
+    provider cannot be reached) out of the authentication middleware."""
+
+    def __init__(self, error: WsiServerError) -> None:
+        super().__init__(error.detail)
+        self.error = error
 
 
 class PrincipalBackend(AuthenticationBackend):
@@ -32,8 +41,8 @@ class PrincipalBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, Principal]:
         try:
             principal = await self.auth.resolve(conn)
-        except Unauthenticated as exc:
-            raise AuthenticationError(exc.detail) from None
+        except WsiServerError as exc:
+            raise CredentialError(exc) from None
         scopes = ["authenticated"] if principal.is_authenticated else []
         if principal.is_admin:
             scopes.append("admin")
@@ -41,12 +50,13 @@ class PrincipalBackend(AuthenticationBackend):
 
 
 def on_auth_error(conn: HTTPConnection, exc: Exception) -> Response:
-    """A bearer token that does not verify: 401 with a JSON error (RFC 6750)."""
-    return JSONResponse(
-        {"error": Unauthenticated.code, "detail": str(exc)},
-        status_code=401,
-        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-    )
+    """A bearer token that does not verify: 401 with a JSON error (RFC 6750); 503 when
+    the identity provider cannot be asked."""
+    error = exc.error if isinstance(exc, CredentialError) else Unauthenticated(str(exc))
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
 def is_public(path: str) -> bool:

@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 
 import httpx
 from itsdangerous import BadSignature, URLSafeSerializer, URLSafeTimedSerializer
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.requests import HTTPConnection
 
 from wsi_server.auth.policy import AccessConfig
 from wsi_server.auth.principal import Principal, ShareGrant, anonymous
-from wsi_server.errors import Unauthenticated
+from wsi_server.errors import BackendUnavailable, Unauthenticated
 from wsi_server.ingest.state import ScanRecord
 from wsi_server.settings import Settings
 from wsi_server.store.audit import AuditLog
@@ -156,8 +158,25 @@ class AuthService:
             )
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run a store call off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run a store call off the event loop; a database that cannot be reached is
+        ``BackendUnavailable`` (503), never a 500."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("state store unavailable: %s", type(exc).__name__)
+            raise BackendUnavailable("the state store (database) is unavailable") from None
+
+    async def ping(self) -> bool:
+        """True when the state store answers (for ``/readyz``)."""
+        def probe() -> None:
+            with self.store.engine.connect() as conn:
+                conn.execute(select(1))
+
+        try:
+            await self.run(probe)
+        except BackendUnavailable:
+            return False
+        return True
 
     async def start(self) -> None:
         """Load the provider's metadata at start (sign-out needs its end-session
@@ -218,10 +237,14 @@ class AuthService:
         hit, principal = self._bearers.get(key)
         if hit:
             return principal
-        from wsi_server.auth.tokens import TokenError
+        from wsi_server.auth.tokens import ProviderUnavailable, TokenError
 
         try:
             verified = await self.bearer.verify(token)
+        except ProviderUnavailable:
+            raise BackendUnavailable(
+                "the identity provider cannot be reached to check this token; try again"
+            ) from None
         except TokenError as exc:
             await self.record_failure(client, f"bearer token: {exc.reason}")
             raise Unauthenticated(f"bearer token rejected: {exc.reason}") from None

@@ -24,9 +24,11 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
 
     async def readyz(request: Request) -> Response:
         cache_ok = await cache.ping()
+        store_ok = await ctx.auth.ping()
         # A cache that cannot be reached only makes serving slower (faults are misses):
-        # degraded but ready, unless --require-redis says it must be there.
-        ready = library.loaded and (cache_ok or not settings.require_redis)
+        # degraded but ready, unless --require-redis says it must be there. Without the
+        # state store nobody can sign in or open a share link: not ready.
+        ready = library.loaded and store_ok and (cache_ok or not settings.require_redis)
         status = "not_ready" if not ready else "ready" if cache_ok else "degraded"
         cache_body: dict[str, Any] = {"backend": cache.name, "reachable": cache_ok}
         if not cache_ok:
@@ -37,6 +39,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             "library_loaded": library.loaded,
             "slides": len(library.entries()),
             "cache": cache_body,
+            "store": {"backend": ctx.auth.store.dialect_name, "reachable": store_ok},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
