@@ -17,6 +17,11 @@ log = logging.getLogger("wsi_server.app")
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
+def loggable_path(path: str) -> str:
+    """A request path fit for a log line: a share link's token is replaced."""
+    return "/s/<token>" if path.startswith("/s/") else path
+
+
 def exception_handlers(metrics: Metrics) -> dict[type[Exception], ErrorHandler]:
     async def on_wsi_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, WsiServerError)
@@ -33,7 +38,7 @@ def exception_handlers(metrics: Metrics) -> dict[type[Exception], ErrorHandler]:
         )
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s", request.url.path)
+        log.exception("unexpected error on %s", loggable_path(request.url.path))
         metrics.errors.labels("internal_error").inc()
         return JSONResponse(
             {"error": "internal_error", "detail": "the server failed to handle this request"},
