@@ -144,3 +144,13 @@ def can_audit(principal: Principal) -> bool:
 def can_share(principal: Principal) -> bool:
     """Share-link viewers are read-only; users (and the local anonymous admin) share."""
     return principal.kind != "share"
+
+
+def can_share_slide(principal: Principal, collection: str | None) -> bool:
+    """May ``principal`` create a share link for a slide of ``collection``? Only through
+    its own access (a collection, or every collection): a slide seen only through someone
+    else's link cannot be passed on (nor its label and macro opened up)."""
+    if not can_share(principal):
+        return False
+    cols = principal.collections
+    return cols is None or (collection is not None and collection in cols)

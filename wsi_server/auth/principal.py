@@ -84,7 +84,7 @@ class Principal(BaseUser):
         """This principal, also holding the share links it opened."""
         if not shares:
             return self
-        if self.kind == "anonymous":
+        if self.kind == "anonymous" and self.collections is not None:
             first = shares[0]
             return Principal(
                 kind="share", subject=f"share:{first.share_id}",

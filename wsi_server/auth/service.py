@@ -45,6 +45,7 @@ SESSION_COOKIE = "wsi_session"
 SHARE_COOKIE = "wsi_share"
 RECHECK_SECONDS = 5.0
 MAX_SHARES_PER_BROWSER = 8
+FAILURES_PER_MINUTE = 5
 _CACHE_SIZE = 20_000
 _T = TypeVar("_T")
 
@@ -114,6 +115,12 @@ class _TtlCache:
         while len(self._data) > self._size:
             self._data.popitem(last=False)
 
+    def bump(self, key: str, value: Any) -> None:
+        """Replace a live entry's value, keeping its expiry."""
+        hit = self._data.get(key)
+        if hit is not None:
+            self._data[key] = (hit[0], value)
+
     def drop(self, key: str) -> None:
         self._data.pop(key, None)
 
@@ -139,6 +146,8 @@ class AuthService:
         self._share_signer = URLSafeSerializer(secret, salt="wsi-share")
         self._cookies = _TtlCache()
         self._bearers = _TtlCache()
+        self._anonymous_by_client = _TtlCache(4096)
+        self._failures = _TtlCache(4096)
         self.http: httpx.AsyncClient | None = None
         self.bearer: Any = None
         self.login: Any = None
@@ -214,17 +223,28 @@ class AuthService:
         auth = conn.headers.get("authorization")
         client = conn.client.host if conn.client else ""
         base: Principal | None
-        if auth is not None:
+        # Only a Bearer credential counts, and only with sign-in on: a Basic header that a
+        # reverse proxy forwards is not ours to judge.
+        if auth is not None and self.bearer is not None and auth[:7].lower() == "bearer ":
             base = await self._bearer_principal(auth, client)
         else:
             base = await self._session_principal(conn.cookies.get(SESSION_COOKIE))
         if base is None:
-            base = anonymous(digest(client), everything=self.mode == "none")
+            base = self._anonymous(client)
         share_cookie = conn.cookies.get(SHARE_COOKIE)
         if share_cookie:
             grants = await self._share_grants(share_cookie)
             base = base.with_shares(grants)
         return base
+
+    def _anonymous(self, client: str) -> Principal:
+        """The anonymous principal of a client address (one per address, cached: its
+        session key groups the address's slide views in the audit trail)."""
+        hit, principal = self._anonymous_by_client.get(client)
+        if not hit:
+            principal = anonymous(digest(client), everything=self.mode == "none")
+            self._anonymous_by_client.put(client, principal, 3600.0)
+        return principal
 
     async def _bearer_principal(self, header: str, client: str) -> Principal:
         scheme, _, token = header.partition(" ")
@@ -233,10 +253,10 @@ class AuthService:
             raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
         if self.bearer is None:
             raise Unauthenticated("this server accepts no bearer tokens (--auth none)")
-        key = digest(token)
-        hit, principal = self._bearers.get(key)
+        hit, principal = self._bearers.get(token)  # by the token itself: no hash per request
         if hit:
             return principal
+        key = digest(token)
         from wsi_server.auth.tokens import ProviderUnavailable, TokenError
 
         try:
@@ -250,7 +270,7 @@ class AuthService:
             raise Unauthenticated(f"bearer token rejected: {exc.reason}") from None
         principal = self.principal_from_claims(verified.claims, via="bearer", session_key=key)
         ttl = max(1.0, min(verified.expires_at - time.time(), 3600.0))
-        self._bearers.put(key, principal, ttl)
+        self._bearers.put(token, principal, ttl)
         return principal
 
     async def _session_principal(self, cookie: str | None) -> Principal | None:
@@ -269,11 +289,12 @@ class AuthService:
         if isinstance(token, str):
             record = await self.run(self.sessions.get, token)
             if record is not None:
+                # Rights come from the access file as it is now (the roles stored at
+                # sign-in were resolved from it then, and may since have been withdrawn).
                 collections, roles = self.access.resolve(record.groups)
                 principal = Principal(
                     kind="user", subject=record.subject, name=record.name,
-                    groups=frozenset(record.groups), roles=roles | frozenset(record.roles),
-                    collections=None if "admin" in record.roles else collections,
+                    groups=frozenset(record.groups), roles=roles, collections=collections,
                     via="session", session_key=digest(token),
                 )
         self._cookies.put(cookie, principal, RECHECK_SECONDS)
@@ -367,6 +388,16 @@ class AuthService:
         )
 
     async def record_failure(self, client: str, reason: str) -> None:
+        """An ``auth.failure`` record; at most ``FAILURES_PER_MINUTE`` per client address,
+        so a flood of bad credentials cannot turn into a flood of database writes."""
+        hit, count = self._failures.get(client)
+        count = (count if hit else 0) + 1
+        if not hit:
+            self._failures.put(client, count, 60.0)
+        else:
+            self._failures.bump(client, count)
+        if count > FAILURES_PER_MINUTE:
+            return
         await self.run(
             lambda: self.audit.append("auth.failure", "anonymous", "anonymous",
                                       outcome="failure", detail={"reason": reason},

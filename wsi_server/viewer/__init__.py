@@ -1,9 +1,15 @@
-"""The web viewer: the slide library at ``/`` and an OpenSeadragon viewer at ``/view/{id}``.
+"""The web viewer: the slide library at ``/``, an OpenSeadragon viewer at ``/view/{id}`` and
+the audit trail for administrators at ``/audit``.
 
 The pages are plain HTML, CSS and JavaScript modules from ``viewer/static`` that talk to
-the JSON API; nothing is rendered per slide on the server. OpenSeadragon itself is an npm
-package (``package.json`` at the repository root, installed by ``npm ci``) and is served
-from its build folder, never from a CDN and never copied into the repository:
+the JSON API; nothing is rendered per slide or per user on the server: who is looking
+(name, sign-out, share banner, the Share button) comes from ``GET /api/me``, and what they
+may see is decided by the API (a non-admin opening ``/audit`` reads the API's 403). No
+page has inline script or event handlers (the Content-Security-Policy allows none).
+
+OpenSeadragon itself is an npm package (``package.json`` at the repository root,
+installed by ``npm ci``) and is served from its build folder, never from a CDN and never
+copied into the repository:
 
 1. the ``osd_dir`` argument (tests),
 2. else the ``viewer_assets`` setting (``--viewer-assets`` / ``WSI_VIEWER_ASSETS``: a
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,12 +129,25 @@ def _static_files(version: str) -> dict[str, tuple[bytes, str]]:
 
 
 def routes(ctx: AppContext) -> list[BaseRoute]:
-    """The viewer front."""
-    return viewer_routes(ctx.settings)
+    """The viewer front; ``/view/{id}`` answers 404 for a slide the requester may not see
+    (the page itself then says why, from the API's error)."""
+
+    async def visible(request: Request) -> bool:
+        try:
+            await ctx.slide(request, readable=False)
+        except NotFound:
+            return False
+        return True
+
+    return viewer_routes(ctx.settings, slide_visible=visible)
 
 
-def viewer_routes(settings: Settings, osd_dir: Path | None = None) -> list[BaseRoute]:
-    """``/``, ``/view/{id}``, ``/viewer/static/{name}`` and ``/viewer/osd/*``.
+def viewer_routes(
+    settings: Settings,
+    osd_dir: Path | None = None,
+    slide_visible: Callable[[Request], Awaitable[bool]] | None = None,
+) -> list[BaseRoute]:
+    """``/``, ``/view/{id}``, ``/audit``, ``/viewer/static/{name}`` and ``/viewer/osd/*``.
 
     The viewer needs nothing from ``settings``: what it may show (``--hide-associated``)
     is decided by the API it reads.
@@ -151,7 +171,13 @@ def viewer_routes(settings: Settings, osd_dir: Path | None = None) -> list[BaseR
         if not (osd / OSD_SCRIPT).is_file():
             return HTMLResponse(_missing_assets_page(osd), status_code=503,
                                 headers={"Cache-Control": PAGE_CACHE})
-        return page("view.html")
+        response = page("view.html")
+        if slide_visible is not None and not await slide_visible(request):
+            response.status_code = 404
+        return response
+
+    async def audit(request: Request) -> Response:
+        return page("audit.html")
 
     async def static(request: Request) -> Response:
         name = str(request.path_params["name"])
@@ -167,6 +193,7 @@ def viewer_routes(settings: Settings, osd_dir: Path | None = None) -> list[BaseR
     return [
         Route("/", index),
         Route("/view/{slide_id}", view),
+        Route("/audit", audit),
         Route("/viewer/static/{name}", static),
         Mount("/viewer/osd", app=_Assets(osd, version), name="viewer-osd"),
     ]

@@ -9,8 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from wsi_server.context import AppContext
-from wsi_server.errors import BadRequest, NotFound
+from wsi_server.auth import policy
+from wsi_server.context import AppContext, principal
+from wsi_server.errors import BadRequest, Forbidden, NotFound
 from wsi_server.library import SlideEntry
 from wsi_server.warm import DEFAULT_WARM_LEVELS, warm
 from wsi_server.web.common import PRIVATE, image_response
@@ -58,12 +59,14 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     service = ctx.tiles
 
     async def list_slides(request: Request) -> Response:
-        return JSONResponse({"slides": [slide_summary(e) for e in ctx.visible_slides(request)]})
+        return JSONResponse({"slides": [slide_summary(e) for e in ctx.visible_slides(request)]},
+                            headers={"Cache-Control": "private, no-cache"})
 
     async def slide_detail(request: Request) -> Response:
         entry = await ctx.slide(request, readable=False)
         hidden = ctx.hidden_associated(request, entry)
         body = slide_summary(entry)
+        body["can_share"] = policy.can_share_slide(principal(request), entry.collection)
         meta = entry.metadata
         if meta is not None:
             body.update(
@@ -81,7 +84,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
                 dzi=f"/slides/{entry.id}.dzi?v={entry.fingerprint}",
                 native_dzi=f"/slides/{entry.id}/native.dzi?v={entry.fingerprint}",
             )
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"Cache-Control": "private, no-cache"})
 
     async def thumbnail(request: Request) -> Response:
         entry = await ctx.slide(request)
@@ -101,6 +104,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
 
     async def warm_route(request: Request) -> Response:
         entry = await ctx.slide(request)
+        if not policy.can_share(principal(request)):
+            raise Forbidden("a shared view is read-only: it cannot warm the cache")
         raw = request.query_params.get("levels", str(DEFAULT_WARM_LEVELS))
         if not raw.isdigit() or not 1 <= int(raw) <= 40:
             raise BadRequest("levels must be an integer between 1 and 40")

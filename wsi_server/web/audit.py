@@ -61,8 +61,9 @@ def to_csv(events: list[dict[str, Any]]) -> str:
     for e in events:
         row = [e.get(c) for c in CSV_COLUMNS]
         row[-1] = json.dumps(e["detail"]) if e.get("detail") is not None else ""
-        # a cell starting with = + - @ is a formula to a spreadsheet: neutralise it
-        writer.writerow(["'" + v if isinstance(v, str) and v[:1] in "=+-@" else v
+        # a cell starting with = + - @ (or a tab or CR before one) is a formula to a
+        # spreadsheet: neutralise it; an empty cell stays empty
+        writer.writerow(["'" + v if isinstance(v, str) and v and v[0] in "=+-@\t\r" else v
                          for v in row])
     return buf.getvalue()
 

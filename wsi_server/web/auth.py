@@ -127,8 +127,11 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         return response
 
     async def logout(request: Request) -> Response:
+        """POST ends the sign-in (here and, by a redirect, at the provider). GET only
+        sends the browser on to the provider's sign-out: a link on another site must not
+        be able to end a session."""
         cookie = request.cookies.get(SESSION_COOKIE)
-        token = auth.session_token(cookie)
+        token = auth.session_token(cookie) if request.method == "POST" else None
         who = principal(request)
         if token is not None:
             await auth.run(auth.sessions.revoke, token)
@@ -141,6 +144,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         except Exception:  # no end-session endpoint known: a local sign-out is enough
             target = "/"
         response = RedirectResponse(target, status_code=303)
+        if request.method != "POST":
+            return response
         secure = secure_cookies(ctx, request)
         response.delete_cookie(SESSION_COOKIE, path="/", secure=secure, httponly=True,
                                samesite="lax")

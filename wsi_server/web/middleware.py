@@ -8,15 +8,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class GzipExceptTiles:
-    """gzip for JSON, HTML and scripts; tiles (already compressed images) skip the
-    middleware entirely, which keeps per-request work off the hot path."""
+    """gzip for JSON, HTML and scripts; tiles (already compressed images: Deep Zoom and
+    IIIF) skip the middleware entirely, which keeps per-request work off the hot path."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.gzip = GZipMiddleware(app, minimum_size=1024)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/slides/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/slides/", "/iiif/")):
             await self.app(scope, receive, send)
         else:
             await self.gzip(scope, receive, send)
@@ -26,12 +26,15 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 AUTH_COOKIES = (b"wsi_session=", b"wsi_share=")
 
 
-def content_security_policy(frame_ancestors: str) -> str:
-    """No inline script, nothing from another origin; who may frame the viewer is set."""
+def content_security_policy(frame_ancestors: str, form_targets: str = "") -> str:
+    """No inline script, nothing from another origin; who may frame the viewer is set.
+    ``form_targets``: origins a form may lead to besides this one (the identity provider,
+    whose sign-out page the sign-out form redirects to)."""
+    form_action = f"'self' {form_targets}".strip()
     return (
         "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
         "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
-        f"base-uri 'none'; form-action 'self'; frame-ancestors {frame_ancestors}"
+        f"base-uri 'none'; form-action {form_action}; frame-ancestors {frame_ancestors}"
     )
 
 
@@ -48,11 +51,15 @@ class Hardening:
     state-changing request whose ``Origin`` (or, without one, ``Referer``) is another site
     is refused with 403; one authenticated by cookie must name its origin."""
 
-    def __init__(self, app: ASGIApp, frame_ancestors: str, public_url: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, frame_ancestors: str, public_url: str | None,
+        form_targets: str = "",
+    ) -> None:
         self.app = app
         self.public_origin = origin_of(public_url) if public_url else None
+        csp = content_security_policy(frame_ancestors, form_targets)
         self.headers = [
-            (b"content-security-policy", content_security_policy(frame_ancestors).encode()),
+            (b"content-security-policy", csp.encode()),
             (b"x-content-type-options", b"nosniff"),
             (b"referrer-policy", b"no-referrer"),
         ]
@@ -60,6 +67,10 @@ class Hardening:
     def _cross_site(self, scope: Scope) -> str | None:
         headers = dict(scope.get("headers", ()))
         origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        if origin == "null" and headers.get(b"sec-fetch-site") == b"same-origin":
+            # A form posted from our own page under Referrer-Policy: no-referrer carries
+            # "Origin: null"; the browser's own Sec-Fetch-Site still says where it came from
+            return None
         if not origin:
             referer = headers.get(b"referer", b"").decode("latin-1")
             origin = origin_of(referer) if referer else ""

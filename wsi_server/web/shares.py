@@ -135,7 +135,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     async def create(request: Request) -> Response:
         entry = await ctx.slide(request, readable=False)
         who = principal(request)
-        if not policy.can_share(who):
+        if not policy.can_share_slide(who, entry.collection):
             raise Forbidden("a shared view is read-only: it cannot share further")
         spec = parse_share_request(await request.body(), ctx.settings.share_max_days)
         expires = utcnow() + timedelta(days=spec["days"])

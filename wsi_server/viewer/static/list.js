@@ -3,6 +3,7 @@
 import {
   describeFormat, escapeHtml, formatBytes, formatDimensions, formatMagnification, formatMpp,
 } from "./format.js?v={{v}}";
+import { loadMe, renderAccount, renderShareBanner } from "./auth.js?v={{v}}";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -83,7 +84,8 @@ function render() {
     : `<tr class="empty"><td colspan="7">No slide matches “${escapeHtml(state.q)}”.</td></tr>`;
   const total = state.slides.length;
   const broken = state.slides.filter((s) => s.status === "error").length;
-  $("summary").textContent = (words.length ? `${shown.length} of ${total} slides` : `${total} slides`)
+  const slides = `slide${total === 1 ? "" : "s"}`;
+  $("summary").textContent = (words.length ? `${shown.length} of ${total} ${slides}` : `${total} ${slides}`)
     + (broken ? ` · ${broken} unreadable` : "");
   for (const th of document.querySelectorAll("th[data-sort]")) {
     if (th.dataset.sort === state.sort) th.setAttribute("aria-sort", state.desc ? "descending" : "ascending");
@@ -156,3 +158,7 @@ $("rows").addEventListener("click", (e) => {
   else location.href = url;
 });
 load();
+loadMe().then((me) => {
+  renderAccount(me, $("account"));
+  renderShareBanner(me, $("share-banner"));
+});

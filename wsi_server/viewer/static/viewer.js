@@ -9,6 +9,8 @@ import {
   STANDARD_MAGNIFICATIONS, describeFormat, escapeHtml, formatBytes, formatDimensions,
   formatMagnification, formatMpp, scaleBar, scanPower,
 } from "./format.js?v={{v}}";
+import { loadMe, renderAccount, renderShareBanner } from "./auth.js?v={{v}}";
+import { initShare } from "./share.js?v={{v}}";
 
 const $ = (id) => document.getElementById(id);
 const slideId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
@@ -261,7 +263,7 @@ function bindControls() {
   });
   document.addEventListener("keydown", (e) => {
     if (e.defaultPrevented || e.ctrlKey || e.metaKey || e.altKey) return;
-    if (e.target.closest && e.target.closest("input, textarea, select")) return;
+    if (e.target.closest && e.target.closest("input, textarea, select, dialog")) return;
     const inCanvas = e.target.closest && e.target.closest(".openseadragon-canvas");
     if (/^[1-6]$/.test(e.key)) {
       const m = magnifications[Number(e.key) - 1];
@@ -279,6 +281,22 @@ function bindControls() {
       viewer.viewport.applyConstraints();
     }
   });
+}
+
+// -- who is looking: account, share banner, Share button ----------------------------------
+/** The view to share: the current viewport once the slide is open, else none. */
+function shareableView() {
+  if (!viewer || !viewer.world.getItemCount()) return null;
+  const v = currentView();
+  return { x: Math.round(v.x), y: Math.round(v.y), z: Number(v.z.toPrecision(4)), r: v.r };
+}
+
+/** The header's account area and, for a share-link viewer, the banner. */
+async function renderAccess() {
+  const me = await loadMe();
+  renderAccount(me, $("account"));
+  renderShareBanner(me, $("share-banner"), slideId);
+  return me;
 }
 
 // -- start ------------------------------------------------------------------------------
@@ -342,6 +360,18 @@ function openViewer(s) {
 
 async function main() {
   bindControls();
+  const access = renderAccess(); // in parallel with the slide's metadata
+  const ok = await openSlide(access);
+  // A share-link viewer is read-only; a slide that did not load has nothing to share.
+  const me = await access;
+  if (ok && me.can_share && slide?.can_share !== false) initShare(slideId, shareableView);
+}
+
+/**
+ * Read the slide's metadata and open the viewer once the header is final (a share banner
+ * changes the viewer's height); false when the slide cannot be shown.
+ */
+async function openSlide(access) {
   let body;
   try {
     const r = await fetch(`/api/slides/${encodeURIComponent(slideId)}`);
@@ -349,11 +379,11 @@ async function main() {
     if (!r.ok) {
       showSlideError(body.detail || `The server answered HTTP ${r.status}.`, body.error);
       $("slide-name").textContent = "Slide not available";
-      return;
+      return false;
     }
   } catch (err) {
     showSlideError(`The server could not be reached (${err.message}).`, "network");
-    return;
+    return false;
   }
   slide = body;
   document.title = `${slide.name} · wsi-server`;
@@ -363,16 +393,18 @@ async function main() {
   if (slide.error || !slide.native_dzi) {
     const err = slide.error || {};
     showSlideError(err.detail || "The server cannot read this slide.", err.error || slide.status);
-    return;
+    return false;
   }
   power = scanPower(slide.objective_power, slide.mpp);
   renderMagnificationButtons();
   renderPanel(slide);
   if (typeof window.OpenSeadragon !== "function") {
     showSlideError("The viewer's OpenSeadragon script did not load; run `npm ci` on the server.", "assets_missing");
-    return;
+    return false;
   }
+  await access;
   openViewer(slide);
+  return true;
 }
 
 main();
