@@ -63,7 +63,16 @@ class AppContext:
         unreadable slide raises its error; without, its entry is returned as is (the
         JSON API describes unreadable slides).
         """
-        entry = self.library.entry(self.slide_id_of(conn))
+        return await self.slide_by_id(conn, self.slide_id_of(conn), readable=readable)
+
+    async def slide_by_id(
+        self, conn: HTTPConnection, slide_id: str, *, readable: bool = True
+    ) -> SlideEntry:
+        """``slide`` for a front whose URLs do not carry the slide id (DICOMweb's UIDs):
+        the same lookup and the same access decision, for an id the front resolved."""
+        if not _ID.match(slide_id):
+            raise SlideNotFound("no slide with this id")
+        entry = self.library.entry(slide_id)
         who = principal(conn)
         if not policy.can_see(who, entry.id, entry.collection):
             raise SlideNotFound("no slide with this id")

@@ -330,6 +330,18 @@ class TiffReader:
         jpeg = codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg)
         return RawTile(jpeg, codecs.JPEG, (lv.tile_w, lv.tile_h))
 
+    def read_stored_tile(self, level: int, col: int, row: int) -> RawTile | None:
+        """Like ``read_raw_tile`` but also at the right and bottom edges, where the stored
+        tile is full size and padded past the level (as a DICOM TILED_FULL frame is)."""
+        lv = self._levels[level]
+        if not lv.is_jpeg or not (0 <= col < lv.cols and 0 <= row < lv.rows):
+            return None
+        data = self._raw(lv, row * lv.cols + col)
+        if not data:
+            return None
+        jpeg = codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg)
+        return RawTile(jpeg, codecs.JPEG, (lv.tile_w, lv.tile_h))
+
     def associated_image(self, name: str) -> np.ndarray:
         page = self._associated[name]
         with self._lock:
