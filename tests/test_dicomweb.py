@@ -121,6 +121,8 @@ def test_instances_of_a_slide(client: TestClient) -> None:
     assert all(value(i, "00400512") == value(insts[0], "00400512") for i in insts)
     assert value(insts[0], "00209311") == "TILED_FULL"
     assert insts[0]["00083002"]["Value"] == [JPEG, LE]
+    for inst in insts:  # each its own RetrieveURL (instance_url builds the same)
+        assert value(inst, "00081190").endswith(instance_url(inst))
 
 
 def test_wsidicom_style_instance_search(client: TestClient) -> None:

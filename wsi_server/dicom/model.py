@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import struct
@@ -224,10 +225,15 @@ def file_icc_profile(path: Path) -> bytes | None:
         return None
 
 
+@functools.cache
 def srgb_profile() -> bytes:
+    """LittleCMS's sRGB profile with a fixed creation date (ICC header bytes 24-35): the
+    same bytes on every replica and after restarts, so instances stay byte-identical."""
     from PIL import ImageCms
 
-    return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    data[24:36] = struct.pack(">6H", 2024, 1, 1, 0, 0, 0)
+    return bytes(data)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

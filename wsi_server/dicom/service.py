@@ -72,8 +72,8 @@ class DicomService:
     # -- models and the UID index ------------------------------------------------------
     async def model(self, entry: SlideEntry) -> SlideModel | None:
         """The model of a readable slide, built once per fingerprint."""
-        if entry.error is not None or entry.metadata is None:
-            return None
+        if entry.error is not None or entry.metadata is None or entry.remote:
+            return None  # a DICOMweb archive's slide: its archive serves its DICOM view
         if self._fingerprints.get(entry.id) == entry.fingerprint:
             return self._models.get(entry.id)
         key = (entry.id, entry.fingerprint)

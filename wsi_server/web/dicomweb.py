@@ -11,6 +11,7 @@ withholds the label and macro images.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -18,12 +19,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from wsi_server.context import AppContext
+from wsi_server.context import AppContext, principal
 from wsi_server.dicom import frames as fr
 from wsi_server.dicom import query as q
+from wsi_server.dicom import stow
 from wsi_server.dicom.model import InstanceModel, SlideModel
 from wsi_server.dicom.service import DicomService
-from wsi_server.errors import BadRequest, NotAcceptable, NotFound, SlideNotFound
+from wsi_server.errors import (
+    BackendUnavailable,
+    BadRequest,
+    Forbidden,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+    SlideNotFound,
+    UnsupportedMediaType,
+    WsiServerError,
+)
 from wsi_server.library import SlideEntry
 
 PREFIX = "/dicomweb"
@@ -138,7 +150,9 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         rec.update(series)
         rec.AvailableTransferSyntaxUID = list(inst.transfer_syntaxes)
         rec.InstanceAvailability = "ONLINE"
-        rec.RetrieveURL = (f"{series.RetrieveURL}/instances/{inst.uid}")
+        # a new element: the one ``update`` copied is the series record's own object
+        del rec.RetrieveURL
+        rec.RetrieveURL = f"{series.RetrieveURL}/instances/{inst.uid}"
         return rec
 
     async def search(request: Request, level: q.Level) -> Response:
@@ -293,6 +307,10 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         return Response(data, media_type=f"image/{fmt}",
                         headers={"Cache-Control": ctx.cache_control(request, False)})
 
+    # -- STOW-RS -------------------------------------------------------------------------
+    async def store(request: Request) -> Response:
+        return await stow_rs(ctx, request)
+
     study = PREFIX + "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
@@ -313,7 +331,9 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         Route(study + "/metadata", metadata),
         Route(study + "/thumbnail", rendered),
         Route(study, retrieve),
+        Route(study, store, methods=["POST"]),
         Route(PREFIX + "/studies", search_handler("study")),
+        Route(PREFIX + "/studies", store, methods=["POST"]),
         Route(PREFIX + "/series", search_handler("series")),
         Route(PREFIX + "/instances", search_handler("instance")),
     ]
@@ -331,3 +351,83 @@ def _single_part_dicom(accept: str, one_instance: bool) -> bool:
         if item.media_type in ("multipart/related", "*/*", "multipart/*"):
             return False
     return False
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+async def stow_rs(ctx: AppContext, request: Request) -> Response:
+    """``POST /dicomweb/studies[/{study}]``: STOW-RS into the ingest pipeline.
+
+    Refusals of the whole request are JSON errors: 503 without ``--ingest``, 403 for a
+    requester who is not an administrator, 415 for another media type, 413 past
+    ``--stow-max-mb``, 400 for a body that is not multipart with its boundary. Otherwise
+    the answer is the PS3.18 status document: 200 all stored, 202 some, 409 none.
+    ``?urgent=true`` puts the instances in the urgent queue. Every request leaves one
+    ``dicom.store`` audit record.
+    """
+    who = principal(request)
+    client = request.client.host if request.client else None
+    tally: dict[str, Any] = {"bytes": 0}
+    try:
+        outcome, urgent = await _stow(ctx, request, tally)
+    except WsiServerError as exc:
+        await ctx.auth.record("dicom.store", who, outcome="failure", client=client,
+                              detail={**tally, "stored": 0, "error": exc.code})
+        raise
+    await ctx.auth.record(
+        "dicom.store", who, outcome="success" if outcome.stored else "failure", client=client,
+        detail={**tally, "stored": len(outcome.stored), "failed": len(outcome.failed),
+                "series": len(outcome.folders), "urgent": urgent,
+                "reasons": sorted(set(stow.iter_reasons(outcome)))[:10]},
+    )
+    document = stow.status_document(outcome, _base_url(ctx, request))
+    return DicomJSON(document.to_json_dict(), status_code=outcome.status)
+
+
+async def _stow(ctx: AppContext, request: Request, tally: dict[str, Any]
+                ) -> tuple[stow.Outcome, bool]:
+    watch = ctx.settings.ingest
+    if watch is None:
+        raise BackendUnavailable("STOW-RS needs the ingest pipeline: start the server with "
+                                 "--ingest WATCH_DIR")
+    if not principal(request).is_admin:
+        raise Forbidden("storing instances is for administrators")
+    study = request.path_params.get("study")
+    if study is not None and not stow.valid_uid(str(study)):
+        raise BadRequest("the study in the URL is not a valid UID")
+    raw_urgent = request.query_params.get("urgent", "").strip().lower()
+    if raw_urgent not in _TRUE | _FALSE:
+        raise BadRequest("urgent must be true or false")
+    urgent = raw_urgent in _TRUE
+    boundary = stow.boundary_of(request.headers.get("content-type", ""))
+    if boundary is None:
+        raise UnsupportedMediaType(
+            'STOW-RS takes multipart/related; type="application/dicom" with a boundary')
+    limit = ctx.settings.stow_max_mb * 2**20
+    too_large = PayloadTooLarge(f"the body is over {ctx.settings.stow_max_mb} MB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    work = await ctx.tiles.run(stow.new_work_dir, Path(watch))
+    try:
+        body = work / "body"
+        with open(body, "wb") as f:
+            async for chunk in request.stream():
+                tally["bytes"] += len(chunk)
+                if tally["bytes"] > limit:
+                    raise too_large
+                f.write(chunk)
+        try:
+            parts = await ctx.tiles.run(stow.split_parts, body, boundary, work)
+        except stow.MalformedBody as exc:
+            raise BadRequest(f"the body is not multipart/related: {exc}") from None
+        body.unlink()
+        if not parts:
+            raise BadRequest("the body holds no instance")
+        target = Path(watch) / ctx.settings.ingest_urgent_dir if urgent else Path(watch)
+        outcome = await ctx.tiles.run(stow.store_parts, parts, study, work, target)
+    finally:
+        await ctx.tiles.run(stow.remove_work_dir, work)
+    return outcome, urgent
