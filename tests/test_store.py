@@ -116,15 +116,15 @@ def test_default_database_url_is_a_file_in_the_state_dir(tmp_path: Path) -> None
     assert (state / "wsi-server.db").is_file()
 
 
-def test_sqlite_connections_are_durable_and_wait_for_locks(store: Store) -> None:
-    if store.dialect_name != "sqlite":
-        pytest.skip("SQLite pragmas")
+def test_sqlite_connections_are_durable_and_wait_for_locks(tmp_path: Path) -> None:
+    store = Store.open(default_database_url(tmp_path))
     with store.engine.connect() as conn:
         pragma = {
             name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
             for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
         }
     # synchronous: 2 is FULL; busy_timeout in milliseconds.
+    store.close()
     assert pragma == {
         "journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 5000,
     }

@@ -49,7 +49,13 @@ class ReaderRegistry:
             if not backend.can_open(path):
                 continue
             try:
-                return backend.open(path)
+                reader = backend.open(path)
+                try:
+                    check_metadata(reader.metadata)
+                except UnreadableSlide:
+                    reader.close()
+                    raise
+                return reader
             except (UnsupportedSlide, UnreadableSlide) as exc:
                 log.debug("backend %s declined %s: %s", backend.name, path.name, exc.detail)
                 if first_error is None or isinstance(first_error, UnsupportedSlide):
@@ -72,6 +78,23 @@ class ReaderRegistry:
             if backend.name == name:
                 return backend
         raise KeyError(name)
+
+
+def check_metadata(meta: SlideMetadata) -> None:
+    """Refuse a pyramid no slide has (a damaged header's): a level without pixels, or one
+    larger than the level before it. Every backend's metadata passes here."""
+    if not meta.levels:
+        raise UnreadableSlide("the slide has no image levels")
+    previous: LevelInfo | None = None
+    for lv in meta.levels:
+        if lv.width < 1 or lv.height < 1 or not lv.downsample >= 1 - 1e-6:
+            raise UnreadableSlide("a level of the slide declares an impossible size")
+        if previous is not None and (
+            lv.width > previous.width or lv.height > previous.height
+            or lv.downsample < previous.downsample
+        ):
+            raise UnreadableSlide("the levels of the slide are not a pyramid")
+        previous = lv
 
 
 def default_registry() -> ReaderRegistry:

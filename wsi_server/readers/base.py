@@ -10,6 +10,17 @@ import numpy as np
 
 from wsi_server.geometry import Pyramid, Size
 
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, RuntimeError, OSError, IndexError, KeyError, TypeError, MemoryError,
+    ArithmeticError,
+)
+"""What a parser or decoder raises on damaged bytes (tifffile's ``TiffFileError`` is a
+``ValueError``, imagecodecs' errors are ``RuntimeError``s, ...): a backend turns them into
+``UnreadableSlide`` at its boundary, so that no route has to catch them."""
+MAX_DECODE_PIXELS = 2**28
+"""The most pixels a backend decodes for one image (an associated image, a region): more
+is a damaged header's size, not a slide's (768 MiB of RGB)."""
+
 
 @dataclass(frozen=True, slots=True)
 class LevelInfo:

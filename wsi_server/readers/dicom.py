@@ -105,10 +105,14 @@ class DicomReader(OpenSlideReader):
         if len(header) != 8:
             return None
         length = struct.unpack("<I", header[4:])[0]
+        if offset + 8 + length > os.fstat(fd).st_size:  # a damaged item length
+            return None
         data = os.pread(fd, length, offset + 8)
-        if len(data) != length or not data.startswith(b"\xff\xd8"):
+        if len(data) != length or not data.startswith(codecs.SOI):
             return None
         end = data.rfind(b"\xff\xd9")  # fragments are padded to even length
+        if end < 0:
+            return None
         return RawTile(data[: end + 2], codecs.JPEG, (frames.tile_w, frames.tile_h))
 
     def close(self) -> None:

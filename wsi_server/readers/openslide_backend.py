@@ -4,6 +4,8 @@ releases the GIL during reads."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +76,17 @@ def metadata_from_openslide(osr: openslide.OpenSlide) -> SlideMetadata:
 
 
 class OpenSlideReader:
+    """An OpenSlide handle. OpenSlide's errors are sticky (after one failed read every
+    later call on the handle fails), so a failed read replaces the handle, and associated
+    images are read through a handle of their own: one damaged tile or label does not
+    make the rest of the slide unreadable."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._target = openslide_target(path)
+        self._lock = threading.Lock()
         try:
-            self._osr = openslide.OpenSlide(openslide_target(path))
+            self._osr = openslide.OpenSlide(self._target)
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise UnsupportedSlide("no reader supports this file format") from exc
         except openslide.OpenSlideError as exc:
@@ -85,10 +94,21 @@ class OpenSlideReader:
         self.metadata = metadata_from_openslide(self._osr)
         self._bg = "#%02x%02x%02x" % self.metadata.background
 
+    def _replace_handle(self, broken: openslide.OpenSlide) -> None:
+        """A fresh handle for the next reads; the broken one is released (not closed:
+        another thread may still be in a call on it) when its last reference goes."""
+        with self._lock:
+            if self._osr is broken:
+                with contextlib.suppress(openslide.OpenSlideError):
+                    self._osr = openslide.OpenSlide(self._target)
+
     def read_region(self, level: int, l0_x: int, l0_y: int, l_w: int, l_h: int) -> np.ndarray:
+        osr = self._osr
         try:
-            tile = self._osr.read_region((l0_x, l0_y), level, (l_w, l_h))
-        except openslide.OpenSlideError as exc:
+            tile = osr.read_region((l0_x, l0_y), level, (l_w, l_h))
+        except (openslide.OpenSlideError, MemoryError, ValueError) as exc:
+            if isinstance(exc, openslide.OpenSlideError):
+                self._replace_handle(osr)
             raise UnreadableSlide(f"OpenSlide read failed: {exc}") from exc
         bg = Image.new("RGB", tile.size, self._bg)
         return np.asarray(Image.composite(tile, bg, tile))
@@ -102,7 +122,11 @@ class OpenSlideReader:
         return None
 
     def associated_image(self, name: str) -> np.ndarray:
-        img = self._osr.associated_images[name]
+        try:
+            with openslide.OpenSlide(self._target) as osr:
+                img = osr.associated_images[name]
+        except openslide.OpenSlideError as exc:
+            raise UnreadableSlide(f"OpenSlide cannot read the {name} image: {exc}") from exc
         bg = Image.new("RGB", img.size, self._bg)
         return np.asarray(Image.composite(img, bg, img))
 

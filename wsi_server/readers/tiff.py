@@ -28,7 +28,13 @@ from wsi_server import codecs
 from wsi_server.errors import UnreadableSlide, UnsupportedSlide
 from wsi_server.geometry import level_downsamples
 from wsi_server.readers import grid
-from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
+from wsi_server.readers.base import (
+    DECODE_ERRORS,
+    MAX_DECODE_PIXELS,
+    LevelInfo,
+    RawTile,
+    SlideMetadata,
+)
 
 _JPEG = 7
 # none, LZW, JPEG, deflate (2), zstd, lzma, Aperio JPEG 2000 (YCbCr, RGB)
@@ -82,10 +88,14 @@ class _Level:
         self.height = int(page.imagelength)
         self.tile_w = int(page.tilewidth)
         self.tile_h = int(page.tilelength)
+        if min(self.width, self.height, self.tile_w, self.tile_h) < 1:
+            raise UnreadableSlide("a level declares an empty size or tile size")
         self.cols = math.ceil(self.width / self.tile_w)
         self.rows = math.ceil(self.height / self.tile_h)
         self.offsets = tuple(int(o) for o in page.dataoffsets)
         self.counts = tuple(int(c) for c in page.databytecounts)
+        if min(len(self.offsets), len(self.counts)) < self.cols * self.rows:
+            raise UnreadableSlide("a level's size, tile size and tile count disagree")
         self.compression = int(page.compression)
         self.photometric = int(page.photometric)
         self.jpegtables: bytes | None = page.jpegtables
@@ -138,6 +148,7 @@ class TiffReader:
         try:
             self.metadata, self._levels, self._associated = self._inspect(fmt)
             self._fd = os.open(path, os.O_RDONLY)
+            self._size = os.fstat(self._fd).st_size
         except Exception:
             self._tif.close()
             raise
@@ -231,6 +242,8 @@ class TiffReader:
         count = lv.counts[index]
         if count == 0:
             return b""
+        if lv.offsets[index] + count > self._size:
+            raise UnreadableSlide("a stored tile lies past the end of the file")
         data = os.pread(self._fd, count, lv.offsets[index])
         if len(data) != count:
             raise UnreadableSlide("slide file is truncated")
@@ -258,7 +271,7 @@ class TiffReader:
                 arr = codecs.to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
                 if lv.compression == _APERIO_J2K_YCBCR:
                     arr = codecs.ycbcr_to_rgb(arr)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except DECODE_ERRORS as exc:
             raise UnreadableSlide(f"a stored tile cannot be decoded ({exc})") from exc
         self._decoded.put(key, arr)
         return arr
@@ -327,6 +340,8 @@ class TiffReader:
         data = self._raw(lv, row * lv.cols + col)
         if not data:
             return None
+        if not data.startswith(codecs.SOI):  # never send a browser bytes that are no JPEG
+            raise UnreadableSlide("a stored tile is damaged (no JPEG start marker)")
         jpeg = codecs.complete_jpeg(data, lv.jpegtables, lv.rgb_jpeg)
         return RawTile(jpeg, codecs.JPEG, (lv.tile_w, lv.tile_h))
 
@@ -344,9 +359,14 @@ class TiffReader:
 
     def associated_image(self, name: str) -> np.ndarray:
         page = self._associated[name]
-        with self._lock:
-            arr = page.asarray()
-        return codecs.to_rgb(arr)
+        if int(page.imagewidth) * int(page.imagelength) > MAX_DECODE_PIXELS:
+            raise UnreadableSlide(f"the {name} image declares an impossible size")
+        try:
+            with self._lock:
+                arr = page.asarray()
+            return codecs.to_rgb(arr)
+        except DECODE_ERRORS as exc:
+            raise UnreadableSlide(f"the {name} image cannot be decoded ({exc})") from exc
 
     def close(self) -> None:
         fd = self.__dict__.pop("_fd", None)  # once: __del__ must not close a reused number

@@ -39,7 +39,13 @@ from wsi_server import codecs
 from wsi_server.errors import UnreadableSlide, UnsupportedSlide
 from wsi_server.geometry import level_downsamples
 from wsi_server.readers import grid
-from wsi_server.readers.base import LevelInfo, RawTile, SlideMetadata
+from wsi_server.readers.base import (
+    DECODE_ERRORS,
+    MAX_DECODE_PIXELS,
+    LevelInfo,
+    RawTile,
+    SlideMetadata,
+)
 from wsi_server.readers.tiff import DECODED_CACHE_BYTES, DecodedTiles
 
 ATTRS_KEY = "wsi_server"
@@ -142,14 +148,17 @@ def level_from_json(meta: dict[str, Any]) -> StoreLevel:
         kind = "zstd"
     else:
         raise UnsupportedSlide(f"chunk codecs {names} are not served")
-    return StoreLevel(
+    level = StoreLevel(
         width=int(shape[1]),
         height=int(shape[0]),
         tile=int(inner[0]),
-        shard_tiles=int(outer[0]) // int(inner[0]),
+        shard_tiles=int(outer[0]) // max(int(inner[0]), 1),
         codec=kind,
         fill=int(meta.get("fill_value", 255)),
     )
+    if min(level.width, level.height, level.tile, level.shard_tiles) < 1:
+        raise UnreadableSlide("a level of the zarr store declares an empty size or chunk")
+    return level
 
 
 def decode_chunk(lv: StoreLevel, data: bytes, col: int, row: int) -> np.ndarray:
@@ -239,8 +248,13 @@ class ZarrReader:
         offset, length = (int(v) for v in index[row % s, col % s])
         if offset == EMPTY:
             return None
-        fd = os.open(shard_path(self.path, level, row // s, col // s), os.O_RDONLY)
         try:
+            fd = os.open(shard_path(self.path, level, row // s, col // s), os.O_RDONLY)
+        except OSError as exc:
+            raise UnreadableSlide("a shard of the zarr store cannot be opened") from exc
+        try:
+            if offset + length > os.fstat(fd).st_size:
+                raise UnreadableSlide("a chunk of the zarr store lies past the end of its shard")
             data = os.pread(fd, length, offset)
         finally:
             os.close(fd)
@@ -263,7 +277,7 @@ class ZarrReader:
             else:
                 w, h = lv.tile_size(col, row)
                 arr = codecs.decode_jpeg(data, factor, (w, h))
-        except (ValueError, RuntimeError) as exc:
+        except DECODE_ERRORS as exc:
             raise UnreadableSlide(f"a chunk of the zarr store cannot be decoded ({exc})") from exc
         self._decoded.put(key, arr)
         return arr
@@ -310,10 +324,16 @@ class ZarrReader:
         if name not in self.metadata.associated:
             raise KeyError(name)
         folder = self.path / "associated" / name
-        meta = read_json(folder / "zarr.json")
-        shape = tuple(int(v) for v in meta["shape"])
-        raw = imagecodecs.zstd_decode((folder / "c" / "0" / "0" / "0").read_bytes())
-        return np.frombuffer(raw, np.uint8).reshape(shape)
+        try:
+            meta = read_json(folder / "zarr.json")
+            shape = tuple(int(v) for v in meta["shape"])
+            if math.prod(shape[:2]) > MAX_DECODE_PIXELS:
+                raise ValueError("impossible size")
+            raw = imagecodecs.zstd_decode((folder / "c" / "0" / "0" / "0").read_bytes())
+            return np.frombuffer(raw, np.uint8).reshape(shape)
+        except DECODE_ERRORS as exc:
+            raise UnreadableSlide(f"the {name} image of the zarr store cannot be read "
+                                  f"({type(exc).__name__})") from exc
 
     def close(self) -> None:
         with self._lock:
