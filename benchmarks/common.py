@@ -166,6 +166,13 @@ class LiveServer:
     def url(self, path: str) -> str:
         return self.base + path
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (while it runs)."""
+        if self._proc is None:
+            raise RuntimeError("the server is not running")
+        return self._proc.pid
+
     def json(self, path: str) -> object:
         status, body = http_get(self.url(path))
         if status != 200:

@@ -20,6 +20,7 @@ pytest_plugins = [
     "tests.plugins.postgres_server",
     "tests.plugins.oidc_provider",
     "tests.plugins.jwks_server",
+    "tests.plugins.orthanc_server",
 ]
 
 # Apps built by tests keep their state (SQLite store, session key) in a folder of the
@@ -79,6 +80,10 @@ def make_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     def make(**kw: object) -> TestClient:
         kw.setdefault("rescan_seconds", 0)
         kw.setdefault("state_dir", tmp_path_factory.mktemp("state"))
+        # The suite builds hundreds of apps: each would start its own validator process
+        # (~1 s). The isolated check, on by default, is tested where it is the subject
+        # (test_isolation.py, test_app.py, test_fuzz.py and the live-process tests).
+        kw.setdefault("isolate_open", False)
         client = TestClient(create_app(Settings(**kw)))  # type: ignore[arg-type]
         client.__enter__()
         clients.append(client)

@@ -29,9 +29,9 @@ from wsi_server.readers import ReaderRegistry
 from wsi_server.settings import Settings, is_loopback
 from wsi_server.store._time import utcnow
 from wsi_server.warm import warm
-from wsi_server.web import api, audit, auth, deepzoom, ops, shares
+from wsi_server.web import api, audit, auth, deepzoom, dicomweb, iiif, openapi, ops, shares
 from wsi_server.web.errors import exception_handlers
-from wsi_server.web.middleware import GzipExceptTiles, Hardening
+from wsi_server.web.middleware import GzipExceptTiles, Hardening, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,22 @@ def create_app(
 ) -> Starlette:
     ctx = build_context(settings, registry, cache)
     routes: list[BaseRoute] = [
-        *deepzoom.routes(ctx),  # first: the router tries routes in order, tiles are most
+        *iiif.routes(ctx),  # one Mount, a cheap miss for others: IIIF tiles are many
+        *deepzoom.routes(ctx),  # the router tries routes in order, tiles are most
         *api.routes(ctx),
+        *dicomweb.routes(ctx),
         *shares.routes(ctx),
         *auth.routes(ctx),
         *audit.routes(ctx),
         *ops.routes(ctx),
+        *openapi.routes(),
         *viewer.routes(ctx),
         *ctx.ingest.routes(),
     ]
     middleware = [
         Middleware(Hardening, frame_ancestors=settings.frame_ancestors,
-                   public_url=settings.public_url),
+                   public_url=settings.public_url,
+                   form_targets=origin_of(settings.oidc_issuer or "")),
         Middleware(ServerTimingMiddleware),
         Middleware(GzipExceptTiles),
         Middleware(AuthenticationMiddleware, backend=PrincipalBackend(ctx.auth),
@@ -119,6 +123,8 @@ def _lifespan(ctx: AppContext) -> Lifespan:
         housekeeping = asyncio.create_task(_housekeeping(ctx))
         await ctx.auth.start()
         await loop.run_in_executor(ctx.executor, ctx.library.scan)
+        if ctx.sources is not None:  # listed by its own thread: an archive never delays start
+            ctx.sources.start(ctx.library)
         rescanner = None
         if settings.ingest_warm_levels > 0:
             ctx.ingest.on_slide = lambda sid: warm_after_ingest(loop, sid)
@@ -135,6 +141,8 @@ def _lifespan(ctx: AppContext) -> Lifespan:
             if rescanner is not None:
                 rescanner.cancel()
             await loop.run_in_executor(None, ctx.ingest.stop)
+            if ctx.sources is not None:
+                await ctx.sources.aclose()
             if ctx.isolation is not None:
                 await loop.run_in_executor(None, ctx.isolation.close)
             await ctx.cache.close()

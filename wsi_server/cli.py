@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from wsi_server.ingest.command import add_ingest_command
 
     add_ingest_command(sub)
+    from wsi_server.dicom.export import add_dicom_command
+
+    add_dicom_command(sub)
 
     warm = sub.add_parser(
         "warm", help="render a slide's coarsest Deep Zoom levels into the shared (Redis) cache"

@@ -10,7 +10,12 @@ from PIL import Image
 
 JPEG = "image/jpeg"
 PNG = "image/png"
-MEDIA_TYPES = {"jpeg": JPEG, "jpg": JPEG, "png": PNG}
+WEBP = "image/webp"
+JPEG_MAX_SIDE = 65500
+"""The widest and tallest image libjpeg-turbo encodes."""
+SOI = b"\xff\xd8"
+"""The start-of-image marker every JPEG stream (complete or abbreviated) begins with."""
+MEDIA_TYPES = {"jpeg": JPEG, "jpg": JPEG, "png": PNG, "webp": WEBP}
 
 # APP14 "Adobe" segment with transform 0: the three components are RGB, not YCbCr.
 # Aperio writes JPEG tiles of photometric RGB; without this marker a browser would
@@ -51,10 +56,20 @@ def decode_jpeg(data: bytes, factor: int = 1, size: tuple[int, int] = (0, 0)) ->
 
 
 def encode(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
-    """Encode an RGB ``uint8`` array as ``jpeg`` or ``png``."""
+    """Encode a ``uint8`` array as ``jpeg``, ``png`` or ``webp``: RGB (h, w, 3), or grey
+    (h, w) (RGB for WebP), or RGBA (h, w, 4) for PNG and WebP."""
     pixels = np.ascontiguousarray(pixels)
     if fmt == "png":
         return bytes(imagecodecs.png_encode(pixels, level=1))
+    if fmt == "webp":
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        # lossy, fastest method: the others cost 2-4x the time for the same size
+        return bytes(imagecodecs.webp_encode(pixels, level=quality, lossless=False, method=0))
+    if pixels.ndim == 2:
+        grey: bytes = simplejpeg.encode_jpeg(pixels[:, :, None], quality=quality,
+                                             colorspace="GRAY")
+        return grey
     data: bytes = simplejpeg.encode_jpeg(
         pixels, quality=quality, colorspace="RGB", colorsubsampling="420"
     )
@@ -67,6 +82,40 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return pixels
     img = Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     return np.asarray(img)
+
+
+def rotate(
+    pixels: np.ndarray, degrees: float, background: tuple[int, int, int], transparent: bool
+) -> np.ndarray:
+    """Rotate RGB pixels clockwise by any angle, into the bounding box of the result; the
+    corners are transparent (RGBA out) or the background colour."""
+    img = Image.fromarray(pixels)
+    if transparent:
+        img = img.convert("RGBA")
+        fill_colour: tuple[int, ...] = (0, 0, 0, 0)
+    else:
+        fill_colour = background
+    out = img.rotate(-degrees, resample=Image.Resampling.BICUBIC, expand=True,
+                     fillcolor=fill_colour)
+    return np.asarray(out)
+
+
+def to_gray(pixels: np.ndarray) -> np.ndarray:
+    """Grey levels (h, w) of RGB or RGBA pixels (ITU-R 601-2 luma, Pillow's ``L``); the
+    alpha of RGBA is kept, as grey+alpha is not encodable everywhere: transparent stays."""
+    if pixels.shape[2] == 4:
+        luma = np.asarray(Image.fromarray(pixels[:, :, :3]).convert("L"))
+        return np.dstack((luma, luma, luma, pixels[:, :, 3]))
+    return np.asarray(Image.fromarray(pixels).convert("L"))
+
+
+def to_bitonal(pixels: np.ndarray) -> np.ndarray:
+    """Black or white (0 or 255) by a threshold at mid-grey, without dithering."""
+    grey = to_gray(pixels)
+    if grey.ndim == 3:  # RGBA: threshold the colour, keep the alpha
+        bw = np.where(grey[:, :, 0] >= 128, 255, 0).astype(np.uint8)
+        return np.dstack((bw, bw, bw, grey[:, :, 3]))
+    return np.where(grey >= 128, 255, 0).astype(np.uint8)
 
 
 def fill(pixels: np.ndarray, rgb: tuple[int, int, int]) -> None:

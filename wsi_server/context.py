@@ -8,12 +8,15 @@ slide id becomes a ``SlideEntry`` and where access is decided.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
@@ -31,7 +34,11 @@ from wsi_server.readers import ReaderRegistry, default_registry
 from wsi_server.settings import Settings
 from wsi_server.tiles import TileService
 
+if TYPE_CHECKING:
+    from wsi_server.dicom.remote import SourceSet
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -47,6 +54,8 @@ class AppContext:
     ingest: IngestHook
     auth: AuthService
     isolation: IsolatedProbe | None = None
+    sources: SourceSet | None = None
+    """The ``--dicomweb-source`` archives, listed into the library by a thread."""
 
     # -- the one slide helper ------------------------------------------------------
     def slide_id_of(self, conn: HTTPConnection) -> str:
@@ -117,8 +126,19 @@ def build_context(
     cache: TileCache | None = None,
 ) -> AppContext:
     registry = registry or default_registry()
+    sources = None
+    if settings.dicomweb_source:
+        from wsi_server.dicom.remote import SourceSet
+        from wsi_server.readers.dicomweb import DicomwebBackend
+
+        sources = SourceSet(settings.dicomweb_source, settings.dicomweb_source_timeout,
+                            settings.dicomweb_source_auth, settings.dicomweb_source_refresh)
+        registry = ReaderRegistry([*registry.backends, DicomwebBackend(sources)])
     pool = ReaderPool(registry, settings.pool_size)
-    isolation = IsolatedProbe(settings.ingest_validate_timeout) if settings.isolate_open else None
+    isolation = None
+    if settings.isolate_open:
+        roots = tuple(Path(r).resolve() for r in settings.paths)
+        isolation = IsolatedProbe(settings.ingest_validate_timeout, state_dir(settings, roots))
     library = Library(settings.paths, pool, convert_dir=settings.convert_dir, probe=isolation)
     metrics = Metrics()
     threads = settings.render_threads or os.cpu_count() or 2
@@ -145,6 +165,7 @@ def build_context(
         ingest=IngestHook(settings, library),
         auth=auth,
         isolation=isolation,
+        sources=sources,
     )
 
 
@@ -176,23 +197,65 @@ def build_auth(settings: Settings, roots: tuple[Path, ...]) -> AuthService:
 
 
 class IsolatedProbe:
-    """``--isolate-open``: the ingest validator's warm subprocess opens and decodes a slide
-    before the server does; a crash or a hang costs that process only."""
+    """``--isolate-open`` (the default): the ingest validator's warm subprocess opens and
+    decodes a slide before the server does; a crash or a hang costs that process only.
 
-    def __init__(self, timeout: float) -> None:
+    With ``state_dir``, verdicts are remembered by the slide's fingerprint (path, size and
+    mtime of its files) in ``state_dir/checked-slides.jsonl``, so a restart does not check
+    the library again: only new or changed slides are. A crash or a timeout of the
+    validator is not remembered (it may have been the machine's, not the file's): such a
+    slide is checked again at the next start.
+    """
+
+    LEDGER = "checked-slides.jsonl"
+
+    def __init__(self, timeout: float, state_dir: Path | None = None) -> None:
         from wsi_server.ingest.validate import Validator
 
         self._validator = Validator(timeout)
         self._lock = threading.Lock()  # one question at a time to the one process
+        self._ledger = state_dir / self.LEDGER if state_dir is not None else None
+        self._known: dict[str, tuple[str, str]] = {}
+        if self._ledger is not None and self._ledger.exists():
+            for line in self._ledger.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                    self._known[str(row["fp"])] = (str(row["code"]), str(row["detail"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash
 
     def __call__(self, path: Path) -> WsiServerError | None:
-        with self._lock:
-            verdict = self._validator.validate(path)
-        if verdict.ok:
+        from wsi_server.library import fingerprint
+
+        try:
+            fp = fingerprint(path)[0]
+        except OSError:
+            fp = None
+        known = self._known.get(fp) if fp is not None else None
+        if known is None:
+            with self._lock:
+                verdict = self._validator.validate(path)
+            known = (verdict.code, verdict.detail)
+            if fp is not None and verdict.code in ("ok", UnsupportedSlide.code,
+                                                   UnreadableSlide.code):
+                self._remember(fp, known)
+        code, detail = known
+        if code == "ok":
             return None
-        if verdict.code == UnsupportedSlide.code:
-            return UnsupportedSlide(verdict.detail)
-        return UnreadableSlide(verdict.detail)
+        if code == UnsupportedSlide.code:
+            return UnsupportedSlide(detail)
+        return UnreadableSlide(detail)
+
+    def _remember(self, fp: str, verdict: tuple[str, str]) -> None:
+        self._known[fp] = verdict
+        if self._ledger is None:
+            return
+        line = json.dumps({"fp": fp, "code": verdict[0], "detail": verdict[1][:500]}) + "\n"
+        try:  # one short append per verdict: whole lines, even with several workers
+            with open(self._ledger, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            log.warning("cannot record a slide check in %s: %s", self._ledger, exc)
 
     def close(self) -> None:
         with self._lock:

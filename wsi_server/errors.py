@@ -9,11 +9,15 @@
     ├── NotFound                        404 not_found
     │   ├── SlideNotFound               404 slide_not_found
     │   └── TileNotFound                404 tile_not_found
+    ├── NotAcceptable                   406 not_acceptable
     ├── Gone                            410 gone
     │   └── ShareExpired                410 share_expired
+    ├── PayloadTooLarge                 413 payload_too_large
+    ├── UnsupportedMediaType            415 unsupported_media_type
     ├── UnsupportedSlide                415 unsupported_format
     ├── UnreadableSlide                 422 unreadable_slide
     ├── TooManyRequests                 429 too_many_requests
+    ├── Unimplemented                   501 not_implemented
     └── BackendUnavailable              503 backend_unavailable
 
 Every error reaches a client as ``{"error": code, "detail": text}``; the text is written
@@ -69,6 +73,14 @@ class TileNotFound(NotFound):
     code = "tile_not_found"
 
 
+class NotAcceptable(WsiServerError):
+    """No representation the request accepts (e.g. a DICOM transfer syntax the server
+    cannot give)."""
+
+    status = 406
+    code = "not_acceptable"
+
+
 class Gone(WsiServerError):
     status = 410
     code = "gone"
@@ -85,6 +97,20 @@ class TooManyRequests(WsiServerError):
     code = "too_many_requests"
 
 
+class PayloadTooLarge(WsiServerError):
+    """A request body over the configured limit (e.g. a STOW-RS upload)."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(WsiServerError):
+    """A request body of a media type the route does not take."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class UnsupportedSlide(WsiServerError):
     """No backend can read this file (or folder)."""
 
@@ -97,6 +123,14 @@ class UnreadableSlide(WsiServerError):
 
     status = 422
     code = "unreadable_slide"
+
+
+class Unimplemented(WsiServerError):
+    """A well-formed request for something this server does not do (e.g. a IIIF image that
+    no pyramid level of the slide is small enough to render)."""
+
+    status = 501
+    code = "not_implemented"
 
 
 class BackendUnavailable(WsiServerError):

@@ -119,6 +119,9 @@ class SlideEntry:
     collection)."""
     added: float = field(default_factory=time.time)
     checked: float = field(default_factory=time.monotonic)
+    remote: bool = False
+    """A slide of a DICOMweb archive (``--dicomweb-source``): no local files; listed by
+    its source (``Library.set_remote``), never rescanned."""
 
     @property
     def status(self) -> str:
@@ -140,6 +143,8 @@ class Library:
         returns the error that keeps it unserved, or None."""
         self.convert_dir = Path(convert_dir).resolve() if convert_dir is not None else None
         self._entries: dict[str, SlideEntry] = {}
+        self._remote: dict[str, dict[str, SlideEntry]] = {}
+        """Slides of each DICOMweb source, by source key."""
         self._lock = threading.Lock()
         self.loaded = False
 
@@ -170,6 +175,9 @@ class Library:
             for sid, entry in self._entries.items():
                 if sid not in seen and entry.added >= started and entry.path.exists():
                     seen[sid] = entry
+            for remote in self._remote.values():
+                for sid, entry in remote.items():
+                    seen.setdefault(sid, entry)
             self._entries = seen
         self.loaded = True
         ok = sum(1 for e in seen.values() if e.error is None)
@@ -243,7 +251,23 @@ class Library:
         return entry
 
     def is_stale(self, entry: SlideEntry) -> bool:
+        if entry.remote:  # its source lists it again (set_remote)
+            return False
         return time.monotonic() - entry.checked > FINGERPRINT_TTL
+
+    def set_remote(self, source: str, entries: Iterable[SlideEntry]) -> None:
+        """The slides a DICOMweb source lists now: those it no longer lists go, an entry
+        whose series did not change is kept as it is."""
+        with self._lock:
+            old = self._remote.get(source, {})
+            new: dict[str, SlideEntry] = {}
+            for entry in entries:
+                kept = old.get(entry.id)
+                new[entry.id] = kept if kept and kept.fingerprint == entry.fingerprint else entry
+            for sid in old.keys() - new.keys():
+                self._entries.pop(sid, None)
+            self._entries.update(new)
+            self._remote[source] = new
 
     def refresh(self, entry: SlideEntry) -> SlideEntry:
         """Re-check the files of a slide; a replaced or edited file is reopened."""

@@ -19,7 +19,7 @@ from typing import Any
 
 def _opt(help: str, flag: str | None = None, **kw: Any) -> Any:
     default = kw.pop("default")
-    meta = {"help": help, "flag": flag}
+    meta = {"help": help, "flag": flag, "repeat": kw.pop("repeat", False)}
     if isinstance(default, list | tuple):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,6 +105,34 @@ class Settings:
         "then serves in place of the original.",
         default=False,
     )
+    # -- DICOMweb --
+    stow_max_mb: int = _opt(
+        "Largest STOW-RS request body (POST /dicomweb/studies) in MB; a bigger upload is "
+        "refused with 413 and nothing of it is kept.",
+        default=4096,
+    )
+    dicomweb_source: tuple[str, ...] = _opt(
+        "DICOMweb archive whose whole-slide series the server lists and serves as slides "
+        "(the base URL of its QIDO-RS/WADO-RS services, e.g. https://pacs.example.org/"
+        "dicom-web). Repeat the flag for several; comma separated in the environment.",
+        default=(),
+        repeat=True,
+    )
+    dicomweb_source_auth: str | None = _opt(
+        "Value of the Authorization header sent to every --dicomweb-source (e.g. 'Bearer "
+        "TOKEN' or 'Basic ...'; prefer the environment variable).",
+        default=None,
+    )
+    dicomweb_source_timeout: float = _opt(
+        "Seconds a --dicomweb-source request may take (connect and read) before its slide "
+        "answers 503.",
+        default=10.0,
+    )
+    dicomweb_source_refresh: float = _opt(
+        "Seconds between two listings of each --dicomweb-source's series (new and removed "
+        "slides); 0: listed once at start.",
+        default=300.0,
+    )
     # -- zarr conversion --
     convert_dir: Path | None = _opt(
         "Folder of converted copies (wsi-server convert): a slide is served from "
@@ -115,8 +143,9 @@ class Settings:
     isolate_open: bool = _opt(
         "Check each new or changed slide in a separate process before the server opens it: "
         "a file that crashes or hangs a decoder is listed as unreadable instead of taking "
-        "the server down (scans are slower). Ingested slides are always checked this way.",
-        default=False,
+        "the server down. Costs 5-40 ms per never-opened slide (once: verdicts are kept in "
+        "--state-dir) and one helper process; --no-isolate-open turns it off.",
+        default=True,
     )
     hide_associated: bool = _opt(
         "Withhold label and macro images (they often carry patient identifiers).",
@@ -197,6 +226,20 @@ class Settings:
         "https://pacs.example.org\").",
         default="'self'",
     )
+    # -- IIIF --
+    iiif_cors_origins: tuple[str, ...] = _opt(
+        "Origins allowed by CORS on the IIIF routes (/iiif/3/...), which viewers on other "
+        "sites load: '*' for any (the default); empty for none (comma separated in the "
+        "environment). Access rules apply all the same.",
+        default=("*",),
+    )
+    iiif_max_width: int = _opt(
+        "Largest width and height of a IIIF image (maxWidth, maxHeight in info.json).",
+        default=10000,
+    )
+    iiif_max_area: int = _opt(
+        "Largest area of a IIIF image in pixels (maxArea in info.json).", default=25_000_000
+    )
     log_level: str = _opt("Logging level.", default="info")
     bench_routes: bool = _opt(
         "Mount benchmark-only routes (/bench/bytes/{n}). Never enable in production.",
@@ -255,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None
         help_text = f"{f.metadata['help']} [env {env_name(name)}; default {f.default!r}]"
         if name == "paths":
             parser.add_argument("paths", nargs="*", type=Path, help=help_text)
+        elif f.metadata.get("repeat"):
+            parser.add_argument(flag_name(name), action="append", default=None,
+                                help=help_text, metavar="VALUE")
         elif str(f.type) == "bool":
             parser.add_argument(
                 flag_name(name), action=argparse.BooleanOptionalAction, default=None,
@@ -319,6 +365,15 @@ def validate(s: Settings) -> None:
                          "audit_retention_days >= 0")
     if s.cache_ttl < 0 or s.cache_item_max < 1 or s.redis_timeout <= 0:
         raise ValueError("cache_ttl must be >= 0, cache_item_max and redis_timeout > 0")
+    if s.stow_max_mb < 1 or s.dicomweb_source_timeout <= 0 or s.dicomweb_source_refresh < 0:
+        raise ValueError("stow_max_mb must be >= 1, dicomweb_source_timeout > 0 and "
+                         "dicomweb_source_refresh >= 0")
+    for url in s.dicomweb_source:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"dicomweb_source must be an http(s) URL, got {url!r}")
+    if s.iiif_max_width < 2048 or s.iiif_max_area < 2048 * 2048:
+        raise ValueError("iiif_max_width must be >= 2048 and iiif_max_area >= 4194304 (a "
+                         "IIIF tile of the largest native tile size must fit)")
 
 
 def markdown_table() -> str:

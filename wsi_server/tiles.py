@@ -4,14 +4,19 @@ Cache lookup, then passthrough when the Deep Zoom tile is exactly one stored til
 read, resample and encode in the thread pool. Concurrent misses for the same tile share
 one render. Keys carry the slide's fingerprint, so a replaced file never serves stale
 tiles.
+
+Images that are not tiles of a Deep Zoom grid (a IIIF region at any size, rotated,
+grey...) take the same path (``locate_image`` / ``fetch_image``): cache, one render per
+key, the same read and resample (``read_resized``), then rotation, quality and encoding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -20,10 +25,18 @@ import numpy as np
 
 from wsi_server import codecs
 from wsi_server.cache import TileCache
-from wsi_server.errors import BadRequest, NotFound, TileNotFound
+from wsi_server.errors import (
+    BadRequest,
+    NotFound,
+    TileNotFound,
+    Unimplemented,
+    UnreadableSlide,
+)
 from wsi_server.geometry import (
     DeepZoomGeometry,
     GeometryParams,
+    Pyramid,
+    Size,
     TileRegion,
     deep_zoom,
     native_tile_size,
@@ -35,12 +48,18 @@ from wsi_server.readers import SlideMetadata, SlideReader
 
 GeometryKind = Literal["default", "native"]
 FORMATS = ("jpeg", "png")
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+IMAGE_QUALITIES = ("color", "gray", "bitonal")
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 # 1/8 DCT scaling is visibly softer than Lanczos (MAD > 3 against DeepZoomGenerator):
 # stop at 1/4 and let Lanczos do the rest.
 _SCALE_FACTORS = (4, 2)
 _MAX_THUMBNAIL_SOURCE_PIXELS = 64 * 2**20
 _MAX_FULL_DECODE_PIXELS = 16 * 2**20
+# An image (not a tile) decodes at most this many source pixels: a larger read means no
+# pyramid level is small enough for the requested size (a 501, not minutes of decoding).
+MAX_IMAGE_SOURCE_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,33 +81,120 @@ class Tile:
     source: str
 
 
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """An image that is not a Deep Zoom tile: a region of level 0 at a size, rotated,
+    mirrored, in a quality and format; with its cache key and ETag."""
+
+    entry: SlideEntry
+    region: TileRegion
+    quarter_turns: int | None
+    degrees: float
+    mirror: bool
+    quality: str
+    fmt: str
+    key: str
+    etag: str
+
+
 def etag_for(key: str) -> str:
     return '"' + hashlib.blake2b(key.encode(), digest_size=10).hexdigest() + '"'
 
 
-def render_region(
-    reader: SlideReader, region: TileRegion, fmt: str, quality: int
-) -> bytes:
-    """Read, resample and encode one Deep Zoom tile (runs in a worker thread)."""
+def _dct_factor(region: TileRegion) -> int:
+    """The JPEG DCT scale factor a read of ``region`` decodes at (1 for none)."""
+    factor = next((f for f in _SCALE_FACTORS if f <= region.l_z_downsample + 1e-9), 1)
+    # DCT scaling shifts the colour of the few-pixel tiles at the top of the pyramid by a
+    # few levels; it is only worth it for real tiles or for regions too big to decode.
+    w, h = region.l_size
+    if factor > 1 and (min(region.out_size) >= 32 or w * h > _MAX_FULL_DECODE_PIXELS):
+        return factor
+    return 1
+
+
+def read_resized(reader: SlideReader, region: TileRegion) -> np.ndarray:
+    """Read ``region`` and resample it to its ``out_size`` (runs in a worker thread)."""
     meta = reader.metadata
     w, h = region.l_size
     if w <= 0 or h <= 0:
         out_w, out_h = max(region.out_size[0], 1), max(region.out_size[1], 1)
         blank = np.empty((out_h, out_w, 3), np.uint8)
         blank[...] = meta.background
-        return codecs.encode(blank, fmt, quality)
+        return blank
     pixels: np.ndarray | None = None
-    factor = next((f for f in _SCALE_FACTORS if f <= region.l_z_downsample + 1e-9), 1)
-    # DCT scaling shifts the colour of the few-pixel tiles at the top of the pyramid by a
-    # few levels; it is only worth it for real tiles or for regions too big to decode.
-    if factor > 1 and (min(region.out_size) >= 32 or w * h > _MAX_FULL_DECODE_PIXELS):
+    factor = _dct_factor(region)
+    if factor > 1:
         ds = meta.levels[region.slide_level].downsample
         l_x = round(region.l0_location[0] / ds)
         l_y = round(region.l0_location[1] / ds)
         pixels = reader.read_scaled(region.slide_level, l_x, l_y, w, h, factor)
     if pixels is None:
         pixels = reader.read_region(region.slide_level, *region.l0_location, w, h)
-    return codecs.encode(codecs.resize(pixels, region.out_size), fmt, quality)
+    return codecs.resize(pixels, region.out_size)
+
+
+def render_region(
+    reader: SlideReader, region: TileRegion, fmt: str, quality: int
+) -> bytes:
+    """Read, resample and encode one Deep Zoom tile (runs in a worker thread)."""
+    return codecs.encode(read_resized(reader, region), fmt, quality)
+
+
+def plan_read(pyramid: Pyramid, l0_region: tuple[int, int, int, int], out_size: Size
+              ) -> TileRegion:
+    """Where an image of ``out_size`` pixels of the level-0 rectangle ``l0_region`` (x, y,
+    w, h) comes from: the coarsest stored level at least as fine as the finer of the two
+    axis scales (as a Deep Zoom tile's source level), and the region of it to read."""
+    x, y, w, h = l0_region
+    out_w, out_h = out_size
+    l0_z = min(w / out_w, h / out_h)
+    level = pyramid.best_level_for_downsample(l0_z)
+    l0_l = pyramid.l0_l_downsamples[level]
+    l_lim_w, l_lim_h = pyramid.l_dimensions[level]
+    l_w = max(1, min(math.ceil(w / l0_l), l_lim_w - math.ceil(x / l0_l)))
+    l_h = max(1, min(math.ceil(h / l0_l), l_lim_h - math.ceil(y / l0_l)))
+    return TileRegion(
+        slide_level=level,
+        l0_location=(x, y),
+        l_size=(l_w, l_h),
+        z_size=out_size,
+        out_size=out_size,
+        l_z_downsample=l0_z / l0_l,
+    )
+
+
+def source_pixels(region: TileRegion) -> int:
+    """Pixels a read of ``region`` decodes (after DCT scaling)."""
+    factor = _dct_factor(region)
+    return math.ceil(region.l_size[0] / factor) * math.ceil(region.l_size[1] / factor)
+
+
+def render_image(
+    reader: SlideReader,
+    region: TileRegion,
+    quarter_turns: int | None,
+    degrees: float,
+    mirror: bool,
+    quality: str,
+    fmt: str,
+    jpeg_quality: int,
+) -> bytes:
+    """Read and resample ``region``, mirror, rotate (quarter turns, or any angle on a
+    transparent or background corner fill), convert to grey or black and white, encode
+    (runs in a worker thread)."""
+    pixels = read_resized(reader, region)
+    if mirror:
+        pixels = pixels[:, ::-1]
+    if quarter_turns:
+        pixels = np.rot90(pixels, -quarter_turns)
+    elif quarter_turns is None:
+        pixels = codecs.rotate(pixels, degrees, reader.metadata.background,
+                               transparent=fmt != "jpeg")
+    if quality == "gray":
+        pixels = codecs.to_gray(pixels)
+    elif quality == "bitonal":
+        pixels = codecs.to_bitonal(pixels)
+    return codecs.encode(pixels, fmt, jpeg_quality)
 
 
 def passthrough_levels(meta: SlideMetadata, geom: DeepZoomGeometry) -> dict[int, int]:
@@ -167,7 +273,14 @@ class TileService:
         if fmt not in FORMATS:
             raise BadRequest("tile format must be jpeg or png")
         entry = await self.entry(slide_id)
-        geom = self.geometry(entry, kind)
+        return self.tile_ref(entry, self.geometry(entry, kind), level, col, row, fmt)
+
+    def tile_ref(
+        self, entry: SlideEntry, geom: DeepZoomGeometry, level: int, col: int, row: int,
+        fmt: str,
+    ) -> TileRef:
+        """``locate`` for a caller that holds the slide's entry and geometry already (from
+        ``geometry``; ``fmt`` one of ``FORMATS``)."""
         if not geom.contains(level, col, row):
             raise TileNotFound("no tile at this level and address")
         quality = self.jpeg_quality if fmt == "jpeg" else 0
@@ -177,26 +290,32 @@ class TileService:
         return TileRef(entry, geom, level, col, row, fmt, key, etag_for(key))
 
     async def fetch(self, ref: TileRef) -> Tile:
+        return await self._fetch(ref.key, ref.fmt, self._produce, ref)
+
+    async def _fetch(
+        self, key: str, fmt: str, produce: Callable[[_R], Awaitable[Tile]], arg: _R
+    ) -> Tile:
+        """Cache, else ``produce(arg)`` once for all concurrent requests of ``key``."""
         start = time.perf_counter()
-        data, source = await self.cache.lookup(ref.key)
+        data, source = await self.cache.lookup(key)
         if data is not None:
-            tile = Tile(data, codecs.MEDIA_TYPES[ref.fmt], source)
+            tile = Tile(data, codecs.MEDIA_TYPES[fmt], source)
         else:
-            pending = self._in_flight.get(ref.key)
+            pending = self._in_flight.get(key)
             if pending is not None:
                 return await asyncio.shield(pending)
             future: asyncio.Future[Tile] = asyncio.get_running_loop().create_future()
-            self._in_flight[ref.key] = future
+            self._in_flight[key] = future
             try:
-                tile = await self._produce(ref)
-                await self.cache.set(ref.key, tile.data)
+                tile = await produce(arg)
+                await self.cache.set(key, tile.data)
                 future.set_result(tile)
             except BaseException as exc:
                 future.set_exception(exc)
                 future.exception()  # mark retrieved: waiters re-raise it themselves
                 raise
             finally:
-                del self._in_flight[ref.key]
+                del self._in_flight[key]
         timer = self._timers.get(tile.source)
         if timer is None:
             timer = self._timers[tile.source] = self.metrics.tile_seconds.labels(tile.source)
@@ -210,18 +329,76 @@ class TileService:
 
     async def _produce(self, ref: TileRef) -> Tile:
         reader = self.library.reader(ref.entry)
-        stored_level = self._passthrough.get((ref.entry.fingerprint, ref.geometry.params), {}).get(
-            ref.level
-        )
+        prefetch = getattr(reader, "prefetch", None)
+        if prefetch is not None:  # a reader over the network (DICOMweb): fetch on the loop
+            ahead = ref.geometry.tile_region(ref.level, ref.col, ref.row)
+            await prefetch(ahead.slide_level, ahead.l0_location, ahead.l_size)
+        levels = self._passthrough.get((ref.entry.fingerprint, ref.geometry.params))
+        if levels is None:  # a geometry kept by a caller after this cache was cleared
+            assert ref.entry.metadata is not None
+            levels = passthrough_levels(ref.entry.metadata, ref.geometry)
+        stored_level = levels.get(ref.level)
         if stored_level is not None and ref.fmt == "jpeg":
             # One pread of a few kB from the page cache: cheaper inline than a thread hop.
             raw = reader.read_raw_tile(stored_level, ref.col, ref.row)
             if raw is not None:
                 return Tile(raw.data, raw.media_type, "passthrough")
         region = ref.geometry.tile_region(ref.level, ref.col, ref.row)
+        if source_pixels(region) > MAX_IMAGE_SOURCE_PIXELS:
+            # a level this coarse is missing (or a damaged header declares a huge one):
+            # never decode gigapixels for one tile
+            raise UnreadableSlide("no level of this slide is small enough to render this tile")
         self.metrics.renders_in_flight.inc()
         try:
             data = await self.run(render_region, reader, region, ref.fmt, self.jpeg_quality)
+        finally:
+            self.metrics.renders_in_flight.dec()
+        return Tile(data, codecs.MEDIA_TYPES[ref.fmt], "rendered")
+
+    # -- images that are not tiles (IIIF) -------------------------------------------
+    def locate_image(
+        self,
+        entry: SlideEntry,
+        l0_region: tuple[int, int, int, int],
+        out_size: Size,
+        degrees: float = 0.0,
+        mirror: bool = False,
+        quality: str = "color",
+        fmt: str = "jpeg",
+    ) -> ImageRef:
+        """The image of the level-0 rectangle ``l0_region`` (x, y, w, h) scaled to
+        ``out_size``, mirrored, then rotated clockwise by ``degrees``, in ``quality``
+        (color, gray, bitonal) and ``fmt`` (jpeg, png, webp). ``Unimplemented`` when no
+        level of the slide is small enough to read it."""
+        if fmt not in IMAGE_FORMATS or quality not in IMAGE_QUALITIES:
+            raise BadRequest("image format must be jpeg, png or webp; quality color, gray "
+                             "or bitonal")
+        assert entry.metadata is not None
+        region = plan_read(entry.metadata.pyramid(), l0_region, out_size)
+        if source_pixels(region) > MAX_IMAGE_SOURCE_PIXELS:
+            raise Unimplemented("no level of this slide is small enough to render this "
+                                "region at this size; ask for a smaller region or size")
+        degrees %= 360
+        turns = degrees / 90
+        quarter_turns = int(turns) if turns == int(turns) else None
+        jpeg_quality = self.jpeg_quality if fmt in ("jpeg", "webp") else 0
+        x, y, w, h = l0_region
+        key = (f"image:{entry.fingerprint}:{x},{y},{w},{h}:{out_size[0]}x{out_size[1]}:"
+               f"{'!' if mirror else ''}{degrees!r}:{quality}:{fmt}:{jpeg_quality}")
+        return ImageRef(entry, region, quarter_turns, degrees, mirror, quality, fmt, key,
+                        etag_for(key))
+
+    async def fetch_image(self, ref: ImageRef) -> Tile:
+        return await self._fetch(ref.key, ref.fmt, self._produce_image, ref)
+
+    async def _produce_image(self, ref: ImageRef) -> Tile:
+        reader = self.library.reader(ref.entry)
+        self.metrics.renders_in_flight.inc()
+        try:
+            data = await self.run(
+                render_image, reader, ref.region, ref.quarter_turns, ref.degrees, ref.mirror,
+                ref.quality, ref.fmt, self.jpeg_quality,
+            )
         finally:
             self.metrics.renders_in_flight.dec()
         return Tile(data, codecs.MEDIA_TYPES[ref.fmt], "rendered")
@@ -249,9 +426,11 @@ class TileService:
         size = thumbnail_size((lv.width, lv.height), (max_size, max_size))
         pixels = None
         if lv.width * lv.height > _MAX_THUMBNAIL_SOURCE_PIXELS:
+            if lv.width * lv.height > _MAX_THUMBNAIL_SOURCE_PIXELS * 16:
+                raise UnreadableSlide("the slide has no level small enough for a thumbnail")
             pixels = reader.read_scaled(level, 0, 0, lv.width, lv.height, 8)
             if pixels is None:
-                raise BadRequest("slide has no level small enough for a thumbnail")
+                raise UnreadableSlide("the slide has no level small enough for a thumbnail")
         if pixels is None:
             pixels = reader.read_region(level, 0, 0, lv.width, lv.height)
         return codecs.encode(codecs.resize(pixels, size), "jpeg", 90)
@@ -267,7 +446,10 @@ class TileService:
             reader = self.library.reader(entry)
 
             def work() -> bytes:
-                return codecs.encode(reader.associated_image(name), "jpeg", 90)
+                pixels = reader.associated_image(name)
+                if max(pixels.shape[:2]) > codecs.JPEG_MAX_SIDE:  # a damaged header's size
+                    raise UnreadableSlide(f"the {name} image is too large to send as JPEG")
+                return codecs.encode(pixels, "jpeg", 90)
 
             data = await self.run(work)
             await self.cache.set(key, data)

@@ -104,6 +104,16 @@ def chromium() -> Iterator[Any]:
         browser.close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests run last: Playwright's sync API keeps its event loop set as the main
+    thread's running loop for the rest of the session (``chromium`` is session-scoped),
+    and pytest-asyncio cannot run a test or fixture after that."""
+    def uses_browser(item: pytest.Item) -> bool:
+        return bool({"page", "chromium"} & set(getattr(item, "fixturenames", ())))
+
+    items.sort(key=uses_browser)  # stable: the order is kept within each group
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

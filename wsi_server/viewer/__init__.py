@@ -12,10 +12,12 @@ installed by ``npm ci``) and is served from its build folder, never from a CDN a
 copied into the repository:
 
 1. the ``osd_dir`` argument (tests),
-2. else the ``viewer_assets`` setting (``--viewer-assets`` / ``WSI_VIEWER_ASSETS``: a
-   packaged install, e.g. a container that copies
-   ``node_modules/openseadragon/build/openseadragon`` elsewhere),
-3. else ``node_modules/openseadragon/build/openseadragon`` at the repository root.
+2. else the ``viewer_assets`` setting (``--viewer-assets`` / ``WSI_VIEWER_ASSETS``: e.g. a
+   container that copies ``node_modules/openseadragon/build/openseadragon`` elsewhere),
+3. else ``viewer/osd`` inside the installed package: a wheel carries it (the build hook in
+   ``setup.py`` installs the pinned version from npm when the wheel is built),
+4. else ``node_modules/openseadragon/build/openseadragon`` at the repository root (a
+   source checkout or an editable install, after ``npm ci``).
 
 When OpenSeadragon is missing the viewer page says how to install it instead of failing.
 """
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OSD_BUILD = Path("node_modules", "openseadragon", "build", "openseadragon")
+PACKAGED_OSD = Path(__file__).resolve().parent / "osd"
+"""Where a wheel carries OpenSeadragon's build (written by the build hook, never committed)."""
 OSD_SCRIPT = "openseadragon.min.js"
 
 # The pages are re-checked on each visit (they name the asset version); the viewer's own
@@ -55,7 +59,11 @@ ASSET_CACHE = "public, max-age=86400"
 
 def osd_assets_dir(osd_dir: Path | None = None) -> Path:
     """Where OpenSeadragon's build (``openseadragon.min.js`` and ``images/``) is looked for."""
-    return osd_dir or REPO_ROOT / OSD_BUILD
+    if osd_dir is not None:
+        return osd_dir
+    if (PACKAGED_OSD / OSD_SCRIPT).is_file():
+        return PACKAGED_OSD
+    return REPO_ROOT / OSD_BUILD
 
 
 class _Assets(StaticFiles):

@@ -8,15 +8,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class GzipExceptTiles:
-    """gzip for JSON, HTML and scripts; tiles (already compressed images: Deep Zoom and
-    IIIF) skip the middleware entirely, which keeps per-request work off the hot path."""
+    """gzip for JSON, HTML and scripts; tiles (already compressed images: Deep Zoom,
+    IIIF and DICOMweb frames) skip the middleware entirely, which keeps per-request work
+    off the hot path."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.gzip = GZipMiddleware(app, minimum_size=1024)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(("/slides/", "/iiif/")):
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path.startswith(("/slides/", "/iiif/")) or (
+            path.startswith("/dicomweb/") and "/frames/" in path  # DICOMweb frames
+        ):
             await self.app(scope, receive, send)
         else:
             await self.gzip(scope, receive, send)

@@ -304,7 +304,9 @@ function openViewer(s) {
   viewer = OpenSeadragon({
     element: $("osd"),
     prefixUrl: "/viewer/osd/images/",
-    tileSources: s.native_dzi,
+    // ?source=iiif opens the slide through its IIIF Image API service instead of Deep Zoom.
+    tileSources: new URLSearchParams(location.search).get("source") === "iiif"
+      ? `/iiif/3/${encodeURIComponent(s.id)}/info.json` : s.native_dzi,
     drawer: "canvas",
     showNavigationControl: false,
     showNavigator: true,
