@@ -18,7 +18,7 @@ RUN /opt/wsi/bin/pip install /src
 FROM node:20-slim AS viewer
 WORKDIR /src
 COPY package.json package-lock.json /src/
-RUN npm ci --no-audit --no-fund --loglevel=error
+RUN npm ci --omit=dev --no-audit --no-fund --loglevel=error
 
 # -- runtime: the venv only, run by an unprivileged user --------------------------------
 FROM python:3.12-slim AS runtime

@@ -119,8 +119,8 @@ class Cors:
 
     def wrap(self, endpoint: Endpoint) -> Endpoint:
         async def with_cors(request: Request) -> Response:
-            extra = self.headers(request)
-            if request.method == "OPTIONS":
+            extra = self.any_headers if self.any else self.headers(request)
+            if request.scope["method"] == "OPTIONS":
                 response = self.preflight(request, extra)
             else:
                 try:
@@ -150,7 +150,7 @@ def _check_identifier(request: Request) -> None:
     """An identifier holding an escaped ``/`` (``%2F``) names no slide (slide ids never
     contain one), even though the decoded path would match another route's shape."""
     raw = request.scope.get("raw_path")
-    if raw is not None and b"%2f" in raw.lower():
+    if raw is not None and b"%" in raw and b"%2f" in raw.lower():
         raise SlideNotFound("no slide with this id")
 
 
@@ -287,7 +287,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         headers = {
             "ETag": ref.etag,
             "Cache-Control": ctx.cache_control(request, immutable=False),
-            "Link": f"<{service_id(base_of(request), entry.id)}{plan.link}",
+            "Link": f"<{base_of(request)}{PREFIX}/{entry.id}{plan.link}",
         }
         if ref.etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
