@@ -39,7 +39,6 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from benchmarks.bench_http import WrkResult, tile_paths, tile_sources
+from benchmarks.bench_http import wrk as http_wrk
 from benchmarks.common import OUT, LiveServer, bench_slide, machine, markdown_table
 
 COLLECTION = "bench"
@@ -66,53 +66,6 @@ SESSION_SUBJECT = "bench-session-user"
 BEARER_SUBJECT = "bench-bearer-user"
 TARGET = 0.90
 MODES = ("none", "session", "bearer")
-
-LUA = r"""
--- Rotate through a list of paths (thread k of n takes paths k, k+n, ...) and, when a
--- header name is given, through a list of values of that header (cookie or token).
-local paths = {}
-local headers = {}
-local next_index = 0
-local step = 1
-local thread_count = 0
-
-function setup(thread)
-  thread:set("thread_id", thread_count)
-  thread_count = thread_count + 1
-end
-
-function init(args)
-  for line in io.lines(args[1]) do
-    paths[#paths + 1] = line
-  end
-  step = tonumber(args[2])
-  next_index = thread_id
-  if args[3] ~= nil and args[3] ~= "" then
-    for line in io.lines(args[4]) do
-      headers[#headers + 1] = {[args[3]] = line}
-    end
-  end
-end
-
-function request()
-  local path = paths[(next_index % #paths) + 1]
-  local h = nil
-  if #headers > 0 then
-    h = headers[(next_index % #headers) + 1]
-  end
-  next_index = next_index + step
-  return wrk.format("GET", path, h)
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "bytes": %d, "p50_us": %d, ' ..
-    '"p99_us": %d, "non_2xx": %d, "socket_errors": %d}\n',
-    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
-    latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
 
 # Loaded by the servers' interpreters (PYTHONPATH) when WSI_BENCH_VERIFY_LOG is set.
 SITECUSTOMIZE = r'''
@@ -303,25 +256,9 @@ def warm(mode: Mode, paths: list[str]) -> None:
 
 def wrk(mode: Mode, paths: list[str], duration: float, connections: int, threads: int
         ) -> WrkResult:
-    with tempfile.TemporaryDirectory() as tmp:
-        script, listing, values = Path(tmp, "rotate.lua"), Path(tmp, "paths.txt"), \
-            Path(tmp, "values.txt")
-        script.write_text(LUA)
-        listing.write_text("\n".join(paths) + "\n")
-        extra: list[str] = []
-        if mode.header:
-            values.write_text("\n".join(mode.values) + "\n")
-            extra = [mode.header, str(values)]
-        cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout",
-               "10s", "-s", str(script), mode.server.base, "--", str(listing), str(threads),
-               *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON "))
-    d = json.loads(line.removeprefix("WRKJSON "))
-    return WrkResult(d["requests"], d["duration_us"] / 1e6, d["bytes"], d["p50_us"] / 1e3,
-                     d["p99_us"] / 1e3, d["non_2xx"] + d["socket_errors"])
+    """bench_http's wrk run against this mode's server, with its credential header."""
+    return http_wrk(mode.server.base, paths, duration, connections, threads,
+                    header=mode.header, values=mode.values)
 
 
 def cpu_seconds(server: LiveServer) -> float:

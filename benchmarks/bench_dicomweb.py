@@ -21,9 +21,7 @@ import argparse
 import json
 import random
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,43 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_http import wrk as http_wrk
 from benchmarks.common import OUT, LiveServer, bench_slide, http_get, machine, markdown_table
-
-LUA = r"""
--- Rotate through a list of paths (thread k of n takes k, k+n, ...), with one Accept header.
-local paths = {}
-local next_index = 0
-local step = 1
-local thread_count = 0
-
-function setup(thread)
-  thread:set("thread_id", thread_count)
-  thread_count = thread_count + 1
-end
-
-function init(args)
-  for line in io.lines(args[1]) do
-    paths[#paths + 1] = line
-  end
-  step = tonumber(args[2])
-  next_index = thread_id
-end
-
-function request()
-  local path = paths[(next_index % #paths) + 1]
-  next_index = next_index + step
-  return wrk.format("GET", path, {Accept = "image/jpeg"})
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
-    '"non_2xx": %d, "socket_errors": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
 
 
 @dataclass(frozen=True)
@@ -84,19 +47,10 @@ class Run:
 
 
 def wrk(base: str, paths: list[str], duration: float, connections: int) -> Run:
-    with tempfile.TemporaryDirectory() as tmp:
-        script, listing = Path(tmp, "rotate.lua"), Path(tmp, "paths.txt")
-        script.write_text(LUA)
-        listing.write_text("\n".join(paths) + "\n")
-        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "20s",
-               "-s", str(script), base, "--", str(listing), "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON "))
-    d = json.loads(line.removeprefix("WRKJSON "))
-    return Run(d["requests"], d["duration_us"] / 1e6, d["p50_us"] / 1e3, d["p99_us"] / 1e3,
-               d["non_2xx"] + d["socket_errors"])
+    """bench_http's wrk run, every request asking for ``Accept: image/jpeg``."""
+    r = http_wrk(base, paths, duration, connections, 1, header="Accept",
+                 values=["image/jpeg"], timeout="20s")
+    return Run(r.requests, r.seconds, r.p50_ms, r.p99_ms, r.errors)
 
 
 def get_json(server: LiveServer, path: str) -> Any:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,10 @@ from benchmarks.common import (
 )
 
 LUA = r"""
--- Rotate through a list of paths; thread k of n takes paths k, k+n, k+2n, ...
+-- Rotate through a list of paths (thread k of n takes paths k, k+n, k+2n, ...) and, when a
+-- header name is given, through a list of values of that header (cookie, token, Accept).
 local paths = {}
+local headers = {}
 local next_index = 0
 local step = 1
 local thread_count = 0
@@ -65,12 +68,21 @@ function init(args)
   end
   step = tonumber(args[2])
   next_index = thread_id
+  if args[3] ~= nil and args[3] ~= "" then
+    for line in io.lines(args[4]) do
+      headers[#headers + 1] = {[args[3]] = line}
+    end
+  end
 end
 
 function request()
   local path = paths[(next_index % #paths) + 1]
+  local h = nil
+  if #headers > 0 then
+    h = headers[(next_index % #headers) + 1]
+  end
   next_index = next_index + step
-  return wrk.format("GET", path)
+  return wrk.format("GET", path, h)
 end
 
 function done(summary, latency, requests)
@@ -104,14 +116,22 @@ class WrkResult:
         return self.bytes / self.seconds / 2**20
 
 
-def wrk(url: str, paths: list[str], duration: float, connections: int, threads: int
+def wrk(url: str, paths: list[str], duration: float, connections: int, threads: int,
+        header: str | None = None, values: Sequence[str] = (), timeout: str = "10s",
         ) -> WrkResult:
+    """One wrk run over ``paths`` in rotation; with ``header``, every request also carries
+    that header, its value rotating through ``values`` (the other benchmarks use this)."""
     with tempfile.TemporaryDirectory() as tmp:
-        script, listing = Path(tmp, "rotate.lua"), Path(tmp, "paths.txt")
+        script, listing, listed = (Path(tmp, "rotate.lua"), Path(tmp, "paths.txt"),
+                                   Path(tmp, "values.txt"))
         script.write_text(LUA)
         listing.write_text("\n".join(paths) + "\n")
-        cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-               "-s", str(script), url, "--", str(listing), str(threads)]
+        extra: list[str] = []
+        if header:
+            listed.write_text("\n".join(values) + "\n")
+            extra = [header, str(listed)]
+        cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout",
+               timeout, "-s", str(script), url, "--", str(listing), str(threads), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
