@@ -53,6 +53,7 @@ from wsi_server.codecs import JPEG
 from wsi_server.errors import BadRequest, WsiServerError
 from wsi_server.geometry import halvings, native_tile_size
 from wsi_server.library import fingerprint
+from wsi_server.progress import LineProgress, clock
 from wsi_server.readers import ReaderRegistry, SlideReader, default_registry
 from wsi_server.readers.zarr_backend import (
     ATTRS_KEY,
@@ -673,44 +674,18 @@ def convert_slide(
 
 
 # -- progress on a terminal or in a log --------------------------------------------------
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-    return f"{s // 60}:{s % 60:02d}"
-
-
-class ProgressPrinter:
+class ProgressPrinter(LineProgress):
     """A bar redrawn in place on a terminal; plain lines every ``interval`` s otherwise."""
 
     def __init__(self, stream: Any = None, interval: float = 5.0) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.1 if self.tty else interval
-        self._last = -math.inf
-        self._lock = threading.Lock()
+        super().__init__("convert", stream, interval)
 
     def line(self, p: Progress) -> str:
         return (f"{p.fraction * 100:5.1f}%  tiles {p.tiles_done}/{p.tiles_total}  "
-                f"levels {p.levels}  {p.mpx_per_s:6.1f} Mpx/s  ETA {_clock(p.eta)}")
+                f"levels {p.levels}  {p.mpx_per_s:6.1f} Mpx/s  ETA {clock(p.eta)}")
 
     def __call__(self, p: Progress) -> None:
-        now = time.monotonic()
-        final = p.tiles_done >= p.tiles_total
-        with self._lock:
-            if not final and now - self._last < self.interval:
-                return
-            self._last = now
-            if self.tty:
-                width = 30
-                filled = int(width * p.fraction)
-                bar = "#" * filled + "-" * (width - filled)
-                self.stream.write(f"\r[{bar}] {self.line(p)}" + ("\n" if final else ""))
-            else:
-                self.stream.write(f"convert: {self.line(p)}\n")
-            self.stream.flush()
+        self.show(p.fraction, self.line(p), p.tiles_done >= p.tiles_total)
 
 
 def summary(result: ConvertResult) -> str:

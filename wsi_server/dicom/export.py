@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +37,7 @@ from wsi_server.geometry import GeometryParams
 from wsi_server.ingest.faults import fault
 from wsi_server.library import Library, SlideEntry
 from wsi_server.pool import ReaderPool
+from wsi_server.progress import LineProgress, clock
 from wsi_server.readers import ReaderRegistry, default_registry
 from wsi_server.tiles import TileService
 
@@ -208,45 +207,19 @@ def export_slide(
 
 
 # -- progress --------------------------------------------------------------------------
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-    return f"{s // 60}:{s % 60:02d}"
-
-
-class ExportProgressPrinter:
+class ExportProgressPrinter(LineProgress):
     """A bar redrawn in place on a terminal; plain lines every ``interval`` s otherwise."""
 
     def __init__(self, stream: Any = None, interval: float = 5.0) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.1 if self.tty else interval
-        self._last = -math.inf
-        self._lock = threading.Lock()
+        super().__init__("dicom export", stream, interval)
 
     @staticmethod
     def line(p: ExportProgress) -> str:
         return (f"{p.fraction * 100:5.1f}%  frames {p.frames_done}/{p.frames_total}  "
-                f"instances {p.instances_done}/{p.instances_total}  ETA {_clock(p.eta)}")
+                f"instances {p.instances_done}/{p.instances_total}  ETA {clock(p.eta)}")
 
     def __call__(self, p: ExportProgress) -> None:
-        now = time.monotonic()
-        final = p.instances_done >= p.instances_total
-        with self._lock:
-            if not final and now - self._last < self.interval:
-                return
-            self._last = now
-            if self.tty:
-                width = 30
-                filled = int(width * p.fraction)
-                bar = "#" * filled + "-" * (width - filled)
-                self.stream.write(f"\r[{bar}] {self.line(p)}" + ("\n" if final else ""))
-            else:
-                self.stream.write(f"dicom export: {self.line(p)}\n")
-            self.stream.flush()
+        self.show(p.fraction, self.line(p), p.instances_done >= p.instances_total)
 
 
 # -- command line ----------------------------------------------------------------------
