@@ -53,7 +53,7 @@ from wsi_server.codecs import JPEG
 from wsi_server.errors import BadRequest, WsiServerError
 from wsi_server.geometry import halvings, native_tile_size
 from wsi_server.library import fingerprint
-from wsi_server.progress import LineProgress, clock
+from wsi_server.progress import LineProgress, clock, eta
 from wsi_server.readers import ReaderRegistry, SlideReader, default_registry
 from wsi_server.readers.zarr_backend import (
     ATTRS_KEY,
@@ -116,9 +116,7 @@ class Progress:
 
     @property
     def eta(self) -> float | None:
-        if self.tiles_done == 0 or self.elapsed <= 0:
-            return None
-        return self.elapsed * (self.tiles_total - self.tiles_done) / self.tiles_done
+        return eta(self.tiles_done, self.tiles_total, self.elapsed)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,13 @@ def clock(seconds: float | None) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+def eta(done: int, total: int, elapsed: float) -> float | None:
+    """Seconds left at the rate so far; None before there is a rate."""
+    if done == 0 or elapsed <= 0:
+        return None
+    return elapsed * (total - done) / done
+
+
 class LineProgress:
     """A bar redrawn in place on a terminal; plain lines, prefixed by ``label``, every
     ``interval`` s otherwise. Thread-safe; the final state is always shown."""

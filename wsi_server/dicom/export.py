@@ -37,7 +37,7 @@ from wsi_server.geometry import GeometryParams
 from wsi_server.ingest.faults import fault
 from wsi_server.library import Library, SlideEntry
 from wsi_server.pool import ReaderPool
-from wsi_server.progress import LineProgress, clock
+from wsi_server.progress import LineProgress, clock, eta
 from wsi_server.readers import ReaderRegistry, default_registry
 from wsi_server.tiles import TileService
 
@@ -58,9 +58,7 @@ class ExportProgress:
 
     @property
     def eta(self) -> float | None:
-        if self.frames_done == 0 or self.elapsed <= 0:
-            return None
-        return self.elapsed * (self.frames_total - self.frames_done) / self.frames_done
+        return eta(self.frames_done, self.frames_total, self.elapsed)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ only its SHA-256, so a copy of the database does not sign anyone in.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Iterable
@@ -18,13 +17,10 @@ from sqlalchemy import delete, select, update
 
 from wsi_server.store._time import as_utc, utcnow
 from wsi_server.store.engine import Store
+from wsi_server.store.secrets import hash_token
 from wsi_server.store.tables import USER_AGENT_LENGTH, user_sessions
 
 t = user_sessions
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ class UserSessions:
         with self._engine.begin() as conn:
             conn.execute(
                 t.insert().values(
-                    id=_hash(token),
+                    id=hash_token(token),
                     subject=subject,
                     name=name,
                     groups=list(groups),
@@ -102,7 +98,7 @@ class UserSessions:
 
     def get(self, token: str) -> SessionRecord | None:
         """The live session of ``token``: None when unknown, expired or revoked."""
-        digest = _hash(token)
+        digest = hash_token(token)
         with self._engine.connect() as conn:
             row = conn.execute(select(t).where(t.c.id == digest)).first()
         if row is None or not hmac.compare_digest(row.id, digest):
@@ -116,7 +112,7 @@ class UserSessions:
         with self._engine.begin() as conn:
             result = conn.execute(
                 update(t)
-                .where(t.c.id == _hash(token), t.c.revoked_at.is_(None))
+                .where(t.c.id == hash_token(token), t.c.revoked_at.is_(None))
                 .values(revoked_at=self._clock())
             )
         return result.rowcount > 0

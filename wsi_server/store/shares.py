@@ -7,7 +7,6 @@ the table keeps only the token's SHA-256. Revoking keeps the row, for the audit 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from sqlalchemy import select, update
 
 from wsi_server.store._time import as_utc, iso, utcnow
 from wsi_server.store.engine import Store
+from wsi_server.store.secrets import hash_token
 from wsi_server.store.tables import NOTE_LENGTH, shares
 
 t = shares
@@ -26,11 +26,6 @@ ShareState = Literal["active", "expired", "revoked"]
 
 # Columns a Share carries: all but the token hash.
 _COLUMNS = [c for c in t.c if c.name != "token_hash"]
-
-
-def hash_token(token: str) -> str:
-    """SHA-256 hex of a share token, the form the table keeps."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
