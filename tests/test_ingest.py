@@ -415,7 +415,9 @@ def test_one_ingest_per_library_and_a_standby_takes_over(
         wait_for(lambda: (lib / "one.svs").exists())
         assert not second.lock.held
         assert first.status()["runs_here"] and not second.status()["runs_here"]
-        # both report the same queue and history: the state is the library's
+        # both report the same queue and history: the state is the library's (the
+        # journal records the outcome just after the file lands, so wait for it)
+        wait_for(lambda: [r["name"] for r in first.status()["recent"]] == ["one.svs"])
         assert [r["name"] for r in second.status()["recent"]] == ["one.svs"]
         first.close()
         wait_for(lambda: second.lock.held, timeout=10)
