@@ -36,6 +36,13 @@ class Settings:
     port: int = _opt("Port to bind.", default=8000)
     workers: int = _opt("Worker processes (uvicorn); share tiles through Redis.", default=1)
     jpeg_quality: int = _opt("JPEG quality of rendered tiles (1-100).", default=75)
+    tile_encoding: str = _opt(
+        "How the viewer asks for tiles of stored levels: 'stored' (the scanner's JPEG bytes "
+        "as they are: exact, no server CPU) or 'reencoded' (JPEG 4:2:0 at --jpeg-quality, "
+        "about half the bytes of a q90 scan, for reporters on slow links; never larger than "
+        "the stored tile). Any client may ask for either with ?encoding= on a .dzi or tile.",
+        default="stored",
+    )
     tile_size: int = _opt("Tile size of the default Deep Zoom geometry.", default=254)
     overlap: int = _opt("Tile overlap of the default Deep Zoom geometry.", default=1)
     limit_bounds: bool = _opt(
@@ -346,6 +353,8 @@ def validate(s: Settings) -> None:
         raise ValueError("ingest_convert needs convert_dir: the folder converted copies go to")
     if not 1 <= s.jpeg_quality <= 100:
         raise ValueError("jpeg_quality must be between 1 and 100")
+    if s.tile_encoding not in ("stored", "reencoded"):
+        raise ValueError("tile_encoding must be 'stored' or 'reencoded'")
     if s.tile_size < 1 or s.overlap < 0:
         raise ValueError("tile_size must be >= 1 and overlap >= 0")
     if s.cache_size < 0 or s.pool_size < 1 or s.workers < 1:

@@ -1,7 +1,9 @@
 """TileService: (slide, geometry, level, col, row, format) to encoded bytes.
 
 Cache lookup, then passthrough when the Deep Zoom tile is exactly one stored tile, else
-read, resample and encode in the thread pool. Concurrent misses for the same tile share
+read, resample and encode in the thread pool. A client on a slow link may ask for stored
+tiles ``reencoded``: JPEG 4:2:0 at the server's quality, or the stored bytes when those
+are smaller. Concurrent misses for the same tile share
 one render. Keys carry the slide's fingerprint, so a replaced file never serves stale
 tiles.
 
@@ -48,6 +50,8 @@ from wsi_server.readers import SlideMetadata, SlideReader
 
 GeometryKind = Literal["default", "native"]
 FORMATS = ("jpeg", "png")
+# How a tile of a stored level goes on the wire: the stored bytes, or re-encoded
+ENCODINGS = ("stored", "reencoded")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 IMAGE_QUALITIES = ("color", "gray", "bitonal")
 _T = TypeVar("_T")
@@ -72,6 +76,7 @@ class TileRef:
     fmt: str
     key: str
     etag: str
+    reencode: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,26 +273,42 @@ class TileService:
 
     # -- tiles -------------------------------------------------------------------
     async def locate(
-        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str
+        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str,
+        encoding: str = "stored",
     ) -> TileRef:
         if fmt not in FORMATS:
             raise BadRequest("tile format must be jpeg or png")
+        if encoding not in ENCODINGS:
+            raise BadRequest("encoding must be 'stored' or 'reencoded'")
         entry = await self.entry(slide_id)
-        return self.tile_ref(entry, self.geometry(entry, kind), level, col, row, fmt)
+        return self.tile_ref(entry, self.geometry(entry, kind), level, col, row, fmt,
+                             encoding == "reencoded")
 
     def tile_ref(
         self, entry: SlideEntry, geom: DeepZoomGeometry, level: int, col: int, row: int,
-        fmt: str,
+        fmt: str, reencode: bool = False,
     ) -> TileRef:
         """``locate`` for a caller that holds the slide's entry and geometry already (from
-        ``geometry``; ``fmt`` one of ``FORMATS``)."""
+        ``geometry``; ``fmt`` one of ``FORMATS``). ``reencode`` matters only for JPEG
+        tiles of stored levels: other tiles are rendered either way, under one key."""
         if not geom.contains(level, col, row):
             raise TileNotFound("no tile at this level and address")
         quality = self.jpeg_quality if fmt == "jpeg" else 0
         key = (
             f"tile:{entry.fingerprint}:{geom.params.key()}:{level}:{col}:{row}:{fmt}:{quality}"
         )
-        return TileRef(entry, geom, level, col, row, fmt, key, etag_for(key))
+        reencode = reencode and fmt == "jpeg" and level in self._stored_levels(entry, geom)
+        if reencode:
+            key += ":reencoded"
+        return TileRef(entry, geom, level, col, row, fmt, key, etag_for(key), reencode)
+
+    def _stored_levels(self, entry: SlideEntry, geom: DeepZoomGeometry) -> dict[int, int]:
+        """``passthrough_levels`` of this slide and geometry, remembered with it."""
+        levels = self._passthrough.get((entry.fingerprint, geom.params))
+        if levels is None:  # a geometry kept by a caller after this cache was cleared
+            assert entry.metadata is not None
+            levels = passthrough_levels(entry.metadata, geom)
+        return levels
 
     async def fetch(self, ref: TileRef) -> Tile:
         return await self._fetch(ref.key, ref.fmt, self._produce, ref)
@@ -333,15 +354,12 @@ class TileService:
         if prefetch is not None:  # a reader over the network (DICOMweb): fetch on the loop
             ahead = ref.geometry.tile_region(ref.level, ref.col, ref.row)
             await prefetch(ahead.slide_level, ahead.l0_location, ahead.l_size)
-        levels = self._passthrough.get((ref.entry.fingerprint, ref.geometry.params))
-        if levels is None:  # a geometry kept by a caller after this cache was cleared
-            assert ref.entry.metadata is not None
-            levels = passthrough_levels(ref.entry.metadata, ref.geometry)
-        stored_level = levels.get(ref.level)
+        stored_level = self._stored_levels(ref.entry, ref.geometry).get(ref.level)
+        raw = None
         if stored_level is not None and ref.fmt == "jpeg":
             # One pread of a few kB from the page cache: cheaper inline than a thread hop.
             raw = reader.read_raw_tile(stored_level, ref.col, ref.row)
-            if raw is not None:
+            if raw is not None and not ref.reencode:
                 return Tile(raw.data, raw.media_type, "passthrough")
         region = ref.geometry.tile_region(ref.level, ref.col, ref.row)
         if source_pixels(region) > MAX_IMAGE_SOURCE_PIXELS:
@@ -353,6 +371,9 @@ class TileService:
             data = await self.run(render_region, reader, region, ref.fmt, self.jpeg_quality)
         finally:
             self.metrics.renders_in_flight.dec()
+        if raw is not None and len(raw.data) <= len(data):
+            # re-encoding a tile stored at a lower quality only adds bytes and loss
+            return Tile(raw.data, raw.media_type, "passthrough")
         return Tile(data, codecs.MEDIA_TYPES[ref.fmt], "rendered")
 
     # -- images that are not tiles (IIIF) -------------------------------------------

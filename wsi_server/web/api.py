@@ -62,6 +62,10 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         return JSONResponse({"slides": [slide_summary(e) for e in ctx.visible_slides(request)]},
                             headers={"Cache-Control": "private, no-cache"})
 
+    # the server's choice for its viewer, carried to every tile by OpenSeadragon
+    encoding = ("" if ctx.settings.tile_encoding == "stored"
+                else f"&encoding={ctx.settings.tile_encoding}")
+
     async def slide_detail(request: Request) -> Response:
         entry = await ctx.slide(request, readable=False)
         hidden = ctx.hidden_associated(request, entry)
@@ -81,8 +85,9 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
                 background="%02x%02x%02x" % meta.background,
                 associated=[n for n in meta.associated if n not in hidden],
                 properties=visible_properties(meta.properties, hidden),
-                dzi=f"/slides/{entry.id}.dzi?v={entry.fingerprint}",
-                native_dzi=f"/slides/{entry.id}/native.dzi?v={entry.fingerprint}",
+                dzi=f"/slides/{entry.id}.dzi?v={entry.fingerprint}{encoding}",
+                native_dzi=f"/slides/{entry.id}/native.dzi?v={entry.fingerprint}{encoding}",
+                tile_encoding=ctx.settings.tile_encoding,
             )
         return JSONResponse(body, headers={"Cache-Control": "private, no-cache"})
 

@@ -15,7 +15,7 @@ from wsi_server.context import AppContext
 from wsi_server.errors import BadRequest
 from wsi_server.geometry import dzi_xml
 from wsi_server.metrics import server_timing
-from wsi_server.tiles import GeometryKind
+from wsi_server.tiles import ENCODINGS, GeometryKind
 
 _TILE = re.compile(r"^(\d{1,9})_(\d{1,9})\.([a-z]{1,8})$")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -29,12 +29,23 @@ def parse_tile_address(level: str, tile: str) -> tuple[int, int, int, str]:
     return int(level), int(m.group(1)), int(m.group(2)), m.group(3)
 
 
+def tile_encoding(request: Request) -> str:
+    """The ``encoding`` query parameter of a descriptor or tile (``stored`` when absent).
+    OpenSeadragon copies a descriptor's query string onto its tile URLs, so a viewer opened
+    on ``native.dzi?encoding=reencoded`` asks for every tile that way."""
+    encoding = request.query_params.get("encoding", "stored")
+    if encoding not in ENCODINGS:
+        raise BadRequest("encoding must be 'stored' or 'reencoded'")
+    return encoding
+
+
 def routes(ctx: AppContext) -> list[BaseRoute]:
     service = ctx.tiles
 
     def dzi_handler(kind: GeometryKind) -> Handler:
         async def handler(request: Request) -> Response:
             entry = await ctx.slide(request)
+            tile_encoding(request)  # the same descriptor either way; a bad value is a 400
             geom = service.geometry(entry, kind)
             return Response(
                 dzi_xml(geom, "jpeg"),
@@ -53,7 +64,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             level, col, row, fmt = parse_tile_address(
                 str(request.path_params["level"]), str(request.path_params["tile"])
             )
-            ref = await service.locate(entry.id, kind, level, col, row, fmt)
+            ref = await service.locate(entry.id, kind, level, col, row, fmt,
+                                       tile_encoding(request))
             versioned = request.query_params.get("v") == ref.entry.fingerprint
             headers = {
                 "ETag": ref.etag,

@@ -74,6 +74,7 @@ SLIDE_DETAIL: Schema = {
                 "properties": {"type": "object", "additionalProperties": {"type": "string"}},
                 "dzi": {"type": "string"},
                 "native_dzi": {"type": "string"},
+                "tile_encoding": {"enum": ["stored", "reencoded"]},
             },
         },
     ]
@@ -133,8 +134,13 @@ def param(name: str, where: str = "path", description: str = "", **schema: Any) 
 
 SLIDE_ID = param("slide_id", description="Opaque slide id (from GET /api/slides)",
                  type="string", pattern="^[A-Za-z0-9_-]{1,64}$")
+ENCODING = param(
+    "encoding", "query", type="string", enum=["stored", "reencoded"],
+    description="Tiles of stored levels as the stored JPEG bytes (default) or re-encoded "
+                "as JPEG 4:2:0 at the server's quality (lighter, for slow links). On a "
+                "descriptor, OpenSeadragon copies it onto every tile URL.")
 TILE_PARAMS = (
-    SLIDE_ID,
+    SLIDE_ID, ENCODING,
     param("level", description="Deep Zoom level", type="string", pattern="^[0-9]{1,4}$"),
     param("tile", description="{col}_{row}.{jpeg|png}", type="string",
           pattern="^[0-9]{1,9}_[0-9]{1,9}\\.(jpeg|png)$"),
@@ -288,11 +294,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     # -- Deep Zoom ---------------------------------------------------------------------------
     ("/slides/{slide_id}.dzi", "get"): Operation(
         "Deep Zoom descriptor in the server's geometry (default 254 px, overlap 1)",
-        "deepzoom", {"200": body("application/xml"), **errors(*SLIDE_ERRORS)}, (SLIDE_ID,),
+        "deepzoom", {"200": body("application/xml"), **errors(*SLIDE_ERRORS)},
+        (SLIDE_ID, ENCODING),
     ),
     ("/slides/{slide_id}/native.dzi", "get"): Operation(
         "Deep Zoom descriptor on the slide's native tile grid (overlap 0)", "deepzoom",
-        {"200": body("application/xml"), **errors(*SLIDE_ERRORS)}, (SLIDE_ID,),
+        {"200": body("application/xml"), **errors(*SLIDE_ERRORS)}, (SLIDE_ID, ENCODING),
     ),
     ("/slides/{slide_id}_files/{level}/{tile}", "get"): _image(
         "A tile in the server's geometry", "deepzoom", TILE_PARAMS,

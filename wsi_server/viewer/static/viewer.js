@@ -181,6 +181,18 @@ function renderPanel(s) {
   ];
   if (scanner) rows.push(["Scanner", scanner]);
   $("meta").innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(v)}</dd>`).join("");
+  // How stored tiles come over the wire, and a link to the other way (keeping the view:
+  // the address bar holds it by the time the link is followed).
+  const stored = tileEncoding(s) === "stored";
+  $("meta").insertAdjacentHTML("beforeend", `<dt>Tiles</dt><dd id="tile-encoding">${
+    stored ? "as scanned (exact)" : "re-encoded (lighter)"} · <a href="" id="encoding-switch">${
+    stored ? "use lighter tiles on a slow connection" : "use the scanned tiles"}</a></dd>`);
+  $("encoding-switch").addEventListener("click", (e) => {
+    e.preventDefault();
+    const p = new URLSearchParams(location.search);
+    p.set("encoding", stored ? "reencoded" : "stored");
+    location.search = `?${p}`;
+  });
 
   const shown = (s.associated || []).filter((n) => n === "label" || n === "macro");
   if (shown.length) {
@@ -300,13 +312,27 @@ async function renderAccess() {
 }
 
 // -- start ------------------------------------------------------------------------------
+/** "stored" or "reencoded": the page's ?encoding=, else the server's choice. */
+function tileEncoding(s) {
+  const asked = new URLSearchParams(location.search).get("encoding");
+  return asked === "stored" || asked === "reencoded" ? asked : s.tile_encoding || "stored";
+}
+
+/** The slide's native descriptor asking for tiles in ``tileEncoding`` (OpenSeadragon
+ *  copies a descriptor's query string onto every tile URL). */
+function nativeDzi(s) {
+  const url = new URL(s.native_dzi, location.href);
+  url.searchParams.set("encoding", tileEncoding(s));
+  return url.pathname + url.search;
+}
+
 function openViewer(s) {
   viewer = OpenSeadragon({
     element: $("osd"),
     prefixUrl: "/viewer/osd/images/",
     // ?source=iiif opens the slide through its IIIF Image API service instead of Deep Zoom.
     tileSources: new URLSearchParams(location.search).get("source") === "iiif"
-      ? `/iiif/3/${encodeURIComponent(s.id)}/info.json` : s.native_dzi,
+      ? `/iiif/3/${encodeURIComponent(s.id)}/info.json` : nativeDzi(s),
     drawer: "canvas",
     showNavigationControl: false,
     showNavigator: true,
