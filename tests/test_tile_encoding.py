@@ -165,3 +165,15 @@ def test_the_viewer_asks_for_the_encoding_it_is_given(
     assert tiles and all("encoding=stored" in u for u in tiles), tiles[:3]
     assert "as scanned" in page.inner_text("#tile-encoding")
     assert page.evaluate(PINK)["pink"] > 0.05
+
+
+def test_warming_fills_the_encoding_the_viewer_asks_for(
+    make_client: Any, scans: dict[str, Path]
+) -> None:
+    client = make_client(paths=(scans["q90"],), tile_encoding="reencoded")
+    sid = client.get("/api/slides").json()["slides"][0]["id"]
+    report = client.post(f"/api/slides/{sid}/warm?levels={LEVEL0 + 1}")
+    assert report.status_code == 200, report.text
+    assert report.json()["sources"].get("rendered", 0) > 0
+    url = f"/slides/{sid}/native_files/{LEVEL0}/3_2.jpeg"
+    assert client.get(url + "?encoding=reencoded").headers["x-tile-source"] == "memory"

@@ -101,7 +101,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 WARM_SETTINGS = [
     "redis_url", "tile_size", "overlap", "limit_bounds", "jpeg_quality", "cache_ttl",
-    "cache_item_max", "redis_timeout", "render_threads",
+    "cache_item_max", "redis_timeout", "render_threads", "tile_encoding",
 ]
 
 

@@ -344,9 +344,11 @@ class TileService:
         return tile
 
     async def tile(
-        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str
+        self, slide_id: str, kind: GeometryKind, level: int, col: int, row: int, fmt: str,
+        encoding: str = "stored",
     ) -> Tile:
-        return await self.fetch(await self.locate(slide_id, kind, level, col, row, fmt))
+        return await self.fetch(
+            await self.locate(slide_id, kind, level, col, row, fmt, encoding))
 
     async def _produce(self, ref: TileRef) -> Tile:
         reader = self.library.reader(ref.entry)

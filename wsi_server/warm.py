@@ -58,10 +58,12 @@ async def warm(
     *,
     kinds: Sequence[GeometryKind] = KINDS,
     fmt: str = "jpeg",
+    encoding: str = "stored",
     concurrency: int = 8,
     max_tiles: int = MAX_WARM_TILES,
 ) -> WarmReport:
-    """Fetch every tile of the K coarsest levels; already cached tiles cost a lookup."""
+    """Fetch every tile of the K coarsest levels (tiles of stored levels in ``encoding``,
+    the one the viewer asks for); already cached tiles cost a lookup."""
     if levels < 1:
         raise BadRequest("levels must be at least 1")
     await service.entry(slide_id)  # refresh a stale entry, raise for an unreadable slide
@@ -75,7 +77,7 @@ async def warm(
 
     async def one(kind: GeometryKind, level: int, col: int, row: int) -> None:
         async with gate:
-            tile = await service.tile(slide_id, kind, level, col, row, fmt)
+            tile = await service.tile(slide_id, kind, level, col, row, fmt, encoding)
         report.sources[tile.source] = report.sources.get(tile.source, 0) + 1
 
     await asyncio.gather(*(one(*w) for w in work))
@@ -136,7 +138,8 @@ def run_cli(settings: Settings, target: str, levels: int) -> int:
                 GeometryParams(settings.tile_size, settings.overlap, settings.limit_bounds),
                 settings.jpeg_quality,
             )
-            report = await warm(service, slide_id, levels, concurrency=threads * 2)
+            report = await warm(service, slide_id, levels,
+                                encoding=settings.tile_encoding, concurrency=threads * 2)
         finally:
             await cache.close()
             executor.shutdown(wait=False, cancel_futures=True)

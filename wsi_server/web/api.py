@@ -114,7 +114,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         raw = request.query_params.get("levels", str(DEFAULT_WARM_LEVELS))
         if not raw.isdigit() or not 1 <= int(raw) <= 40:
             raise BadRequest("levels must be an integer between 1 and 40")
-        report = await warm(service, entry.id, int(raw), concurrency=ctx.threads * 2)
+        report = await warm(service, entry.id, int(raw), encoding=ctx.settings.tile_encoding,
+                            concurrency=ctx.threads * 2)
         return JSONResponse(report.as_dict())
 
     return [
