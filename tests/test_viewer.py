@@ -345,3 +345,67 @@ def test_failed_tiles_show_a_message(page: Any, live_server: Any, viewer_dir: Pa
     page.click("#tile-retry")
     page.wait_for_function("() => wsiViewer.world.getItemAt(0).getFullyLoaded()")
     assert page.is_hidden("#tile-error")
+
+
+PAN_ONE_SCREEN_RIGHT = """() => {
+  const vp = wsiViewer.viewport, item = wsiViewer.world.getItemAt(0);
+  const r = item.viewportToImageRectangle(vp.getBounds(true));
+  const c = item.viewportToImageCoordinates(vp.getCenter(true));
+  vp.panTo(item.imageToViewportCoordinates(c.x + r.width, c.y));
+}"""
+SETTLED = ("() => !wsiViewer.isAnimating() && wsiViewer.world.getItemAt(0).getFullyLoaded()"
+           " && !wsiViewer.world.needsDraw()")
+
+
+# Tile images of the finest level that loaded since ``t0``: how many came over the network
+# and how many from the browser's cache (Resource Timing: transferSize 0).
+FINEST_TILES_SINCE = """(t0) => {
+  const tiles = performance.getEntriesByType("resource").filter(
+    (e) => e.startTime >= t0 && e.initiatorType === "img" && e.name.includes("_files/"));
+  const level = (e) => Number(e.name.match(/_files\\/(\\d+)\\//)[1]);
+  const finest = Math.max(...tiles.map(level));
+  const at = tiles.filter((e) => level(e) === finest);
+  return {network: at.filter((e) => e.transferSize > 0).length,
+          cached: at.filter((e) => e.transferSize === 0).length};
+}"""
+
+
+def second_pan(chromium: Any, base: str, sid: str, prefetch: bool) -> dict[str, int]:
+    """Finest-level tiles of the second of two pans to the right at 20× (after the reader
+    has looked at the first screen), in a browser of its own."""
+    page = chromium.new_page(viewport={"width": 1000, "height": 700})
+    try:
+        open_viewer(page, f"{base}/view/{sid}?x=600&y=1050&z=1&prefetch={int(prefetch)}")
+        page.evaluate("() => performance.setResourceTimingBufferSize(5000)")
+        page.evaluate(PAN_ONE_SCREEN_RIGHT)
+        page.wait_for_timeout(100)
+        page.wait_for_function(SETTLED)
+        if prefetch:
+            page.wait_for_function("() => wsiPrefetch.stats.started > 0"
+                                   " && wsiPrefetch.stats.fetched === wsiPrefetch.stats.started")
+        t0 = page.evaluate("() => performance.now()")
+        page.evaluate(PAN_ONE_SCREEN_RIGHT)
+        page.wait_for_timeout(100)
+        page.wait_for_function(SETTLED)
+        assert page.evaluate(PINK)["pink"] > 0.05  # tissue drawn, from wherever it came
+        counts: dict[str, int] = page.evaluate(FINEST_TILES_SINCE, t0)
+        return counts
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_the_next_screen_in_the_pan_direction_is_fetched_ahead(
+    chromium: Any, live_server: Any, viewer_dir: Path
+) -> None:
+    """After a pan settles, the viewer fetches the next screen the same way into the
+    browser's cache: the next pan's tiles come from there, none over the network (each
+    run in a browser of its own, so neither warms the other's cache)."""
+    osd_installed()
+    base = live_server(viewer_dir)
+    sid = slides_of(base)["tissue.svs"]["id"]
+    # a 1000 px wide screen at 1:1 is 4-5 columns of 256-px tiles by 3 rows
+    cold = second_pan(chromium, base, sid, prefetch=False)
+    assert cold["network"] >= 8 and cold["cached"] == 0, cold
+    ahead = second_pan(chromium, base, sid, prefetch=True)
+    assert ahead["network"] == 0 and ahead["cached"] >= 8, ahead

@@ -11,6 +11,7 @@ import {
 } from "./format.js?v={{v}}";
 import { loadMe, renderAccount, renderShareBanner } from "./auth.js?v={{v}}";
 import { initShare } from "./share.js?v={{v}}";
+import { prefetchAhead } from "./prefetch.js?v={{v}}";
 
 const $ = (id) => document.getElementById(id);
 const slideId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
@@ -360,6 +361,11 @@ function openViewer(s) {
     preserveImageSizeOnResize: true,
   });
   window.wsiViewer = viewer; // for the browser tests and the console
+  // The next screen in the direction of a pan, while the reader looks at this one
+  // (?prefetch=0 turns it off, for comparison: benchmarks/bench_wan --think-ms).
+  if (new URLSearchParams(location.search).get("prefetch") !== "0") {
+    window.wsiPrefetch = prefetchAhead(viewer, currentView);
+  }
 
   viewer.addHandler("open", () => {
     const v = readUrlView();
