@@ -113,3 +113,41 @@ def test_a_changed_slide_is_checked_again(
         assert again._validator._proc is None  # answered from the ledger, no process
     finally:
         again.close()
+
+
+def test_verdicts_of_files_gone_or_changed_are_dropped_after_a_scan(
+    tmp_path: Path, synthetic_slides: dict[str, Path]
+) -> None:
+    """The ledger follows the library: once a scan has seen every current slide, the
+    verdicts of files deleted or replaced since are dropped (when they are most of it)."""
+    from wsi_server.library import fingerprint
+
+    slide = tmp_path / "a.tiff"
+    shutil.copy(synthetic_slides["generic"], slide)
+    probe = IsolatedProbe(30, state_dir=tmp_path)
+    try:
+        assert probe(slide) is None
+    finally:
+        probe.close()
+    ledger = tmp_path / IsolatedProbe.LEDGER
+    stale = [json.dumps({"fp": f"gone-{i}", "code": "ok", "detail": ""}) for i in range(50)]
+    with open(ledger, "a") as fh:
+        fh.write("\n".join(stale) + "\n")
+
+    current = [fingerprint(slide)[0]]
+    probe = IsolatedProbe(30, state_dir=tmp_path)
+    try:
+        assert probe.compact(current) == 0  # 50 outdated lines: not yet worth a rewrite
+        with open(ledger, "a") as fh:
+            fh.write("\n".join(stale * 2) + "\n{\"fp\": \"cut sh")  # a line cut by a crash
+    finally:
+        probe.close()
+    probe = IsolatedProbe(30, state_dir=tmp_path)
+    try:
+        assert probe.compact(current) == 151
+        rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert [r["fp"] for r in rows] == current and rows[0]["code"] == "ok"
+        assert probe(slide) is None and probe._validator._proc is None  # still known
+    finally:
+        probe.close()
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -123,6 +123,9 @@ def _lifespan(ctx: AppContext) -> Lifespan:
         housekeeping = asyncio.create_task(_housekeeping(ctx))
         await ctx.auth.start()
         await loop.run_in_executor(ctx.executor, ctx.library.scan)
+        if ctx.isolation is not None:  # verdicts of files gone or changed since: dropped
+            current = [e.fingerprint for e in ctx.library.entries()]
+            await loop.run_in_executor(ctx.executor, ctx.isolation.compact, current)
         if ctx.sources is not None:  # listed by its own thread: an archive never delays start
             ctx.sources.start(ctx.library)
         rescanner = None

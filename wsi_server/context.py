@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,8 @@ class IsolatedProbe:
     mtime of its files) in ``state_dir/checked-slides.jsonl``, so a restart does not check
     the library again: only new or changed slides are. A crash or a timeout of the
     validator is not remembered (it may have been the machine's, not the file's): such a
-    slide is checked again at the next start.
+    slide is checked again at the next start. After the first scan, ``compact`` drops the
+    verdicts of files that are gone or changed, so the file follows the library's size.
     """
 
     LEDGER = "checked-slides.jsonl"
@@ -216,8 +218,10 @@ class IsolatedProbe:
         self._lock = threading.Lock()  # one question at a time to the one process
         self._ledger = state_dir / self.LEDGER if state_dir is not None else None
         self._known: dict[str, tuple[str, str]] = {}
+        self._lines = 0
         if self._ledger is not None and self._ledger.exists():
             for line in self._ledger.read_text(errors="replace").splitlines():
+                self._lines += 1
                 try:
                     row = json.loads(line)
                     self._known[str(row["fp"])] = (str(row["code"]), str(row["detail"]))
@@ -246,11 +250,43 @@ class IsolatedProbe:
             return UnsupportedSlide(detail)
         return UnreadableSlide(detail)
 
+    @staticmethod
+    def _line(fp: str, verdict: tuple[str, str]) -> str:
+        return json.dumps({"fp": fp, "code": verdict[0], "detail": verdict[1][:500]}) + "\n"
+
+    def compact(self, current: Iterable[str]) -> int:
+        """Rewrite the ledger with the verdicts of the ``current`` fingerprints only (the
+        library's, after a full scan), when at least half of its lines are of files that
+        are gone or changed, or repeated; returns the lines dropped. The rewrite is a new
+        file renamed over the old one: a reader sees one or the other, whole."""
+        if self._ledger is None:
+            return 0
+        keep = {fp: v for fp in current if (v := self._known.get(fp)) is not None}
+        dropped = self._lines - len(keep)
+        if dropped < max(100, len(keep)):
+            return 0
+        tmp = self._ledger.with_name(f".{self.LEDGER}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(self._line(fp, v) for fp, v in keep.items())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._ledger)
+        except OSError as exc:
+            log.warning("cannot compact %s: %s", self._ledger, exc)
+            tmp.unlink(missing_ok=True)
+            return 0
+        with self._lock:
+            self._known, self._lines = keep, len(keep)
+        log.info("slide checks: %d outdated verdicts dropped from %s", dropped, self.LEDGER)
+        return dropped
+
     def _remember(self, fp: str, verdict: tuple[str, str]) -> None:
         self._known[fp] = verdict
         if self._ledger is None:
             return
-        line = json.dumps({"fp": fp, "code": verdict[0], "detail": verdict[1][:500]}) + "\n"
+        self._lines += 1
+        line = self._line(fp, verdict)
         try:  # one short append per verdict: whole lines, even with several workers
             with open(self._ledger, "a", encoding="utf-8") as fh:
                 fh.write(line)
