@@ -407,12 +407,16 @@ def test_one_ingest_per_library_and_a_standby_takes_over(
     watch, lib = tmp_path / "watch", tmp_path / "library"
     config = IngestConfig(watch, lib, settle_seconds=0.2, poll=True, poll_interval=0.05)
     first, second = IngestPipeline(config), IngestPipeline(config)
+    followed: list[Path] = []
+    second.on_followed = followed.append
     try:
         first.start()
         wait_for(lambda: first.lock.held)
         second.start()
         shutil.copy(slides["a"], watch / "one.svs")
         wait_for(lambda: (lib / "one.svs").exists())
+        # the standby is told of the slide the other published (its server lists it)
+        wait_for(lambda: followed == [lib.resolve() / "one.svs"], timeout=10)
         assert not second.lock.held
         assert first.status()["runs_here"] and not second.status()["runs_here"]
         # both report the same queue and history: the state is the library's (the

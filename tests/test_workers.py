@@ -34,20 +34,13 @@ def _workers(pid: int) -> set[int]:
     return out
 
 
-@pytest.fixture
-def two_workers(
-    tmp_path: Path, synthetic_slides: dict[str, Path], redis_url: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    shutil.copy(synthetic_slides["aperio-rgb"], lib / "slide.svs")
+def start_workers(*args: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """``wsi-server serve ARGS --workers 2`` on a free port, once both workers are up."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSI_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsi_server", "serve", str(lib), "--port", str(port),
-         "--workers", "2", "--redis-url", redis_url, "--redis-timeout", "1.0",
-         "--rescan-seconds", "0",
-         "--render-threads", "2"],
+        [sys.executable, "-m", "wsi_server", "serve", *args, "--port", str(port),
+         "--workers", "2", "--rescan-seconds", "0", "--render-threads", "2"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -67,13 +60,28 @@ def two_workers(
     # both workers must be up, not just the first to answer
     while len(_workers(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    yield base, proc
+    return base, proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def two_workers(
+    tmp_path: Path, synthetic_slides: dict[str, Path], redis_url: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(synthetic_slides["aperio-rgb"], lib / "slide.svs")
+    base, proc = start_workers(str(lib), "--redis-url", redis_url, "--redis-timeout", "1.0")
+    yield base, proc
+    stop(proc)
 
 
 def test_two_workers_share_tiles_through_redis(
@@ -100,3 +108,35 @@ def test_two_workers_share_tiles_through_redis(
     assert "redis" in sources, sources
     assert len(bodies) == 1
     assert redis_server.client().dbsize() >= 1
+
+
+def test_a_slide_ingested_by_one_worker_is_served_by_both(
+    tmp_path: Path, synthetic_slides: dict[str, Path]
+) -> None:
+    """One worker ingests (it holds the library's lock); the other follows the ingest
+    journal, so a new slide is never listed by one worker and 404 on the other. No
+    rescans: only following can tell the second worker."""
+    lib, watch, state = tmp_path / "lib", tmp_path / "watch", tmp_path / "state"
+    lib.mkdir()
+    base, proc = start_workers(str(lib), "--ingest", str(watch), "--ingest-settle-seconds",
+                               "0.5", "--state-dir", str(state))
+    try:
+        assert len(_workers(proc.pid)) == 2
+        shutil.copy(synthetic_slides["aperio-rgb"], watch / "new.svs")
+        deadline = time.monotonic() + 60
+        sid = None
+        while sid is None and time.monotonic() < deadline:
+            slides = httpx.get(base + "/api/slides", timeout=10).json()["slides"]
+            sid = next((s["id"] for s in slides if s["name"] == "new.svs"), None)
+            time.sleep(0.1)
+        assert sid is not None, "the scan was never listed"
+        time.sleep(1.5)  # the standby worker follows the journal every second
+        # fresh connections land on either worker (2**-40 that all land on one)
+        codes = [httpx.get(f"{base}/api/slides/{sid}", timeout=10).status_code
+                 for _ in range(40)]
+        assert codes == [200] * 40, codes
+        listed = [len(httpx.get(base + "/api/slides", timeout=10).json()["slides"])
+                  for _ in range(20)]
+        assert listed == [1] * 20, listed
+    finally:
+        stop(proc)

@@ -219,14 +219,36 @@ class IsolatedProbe:
         self._ledger = state_dir / self.LEDGER if state_dir is not None else None
         self._known: dict[str, tuple[str, str]] = {}
         self._lines = 0
-        if self._ledger is not None and self._ledger.exists():
-            for line in self._ledger.read_text(errors="replace").splitlines():
-                self._lines += 1
-                try:
-                    row = json.loads(line)
-                    self._known[str(row["fp"])] = (str(row["code"]), str(row["detail"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a crash
+        self._read_to = 0  # bytes of the ledger read so far, of the file with this inode:
+        self._inode = 0
+        self._read_new()
+
+    def _read_new(self) -> None:
+        """Read the verdicts appended to the ledger since the last read (by this process or
+        by another worker, e.g. the one that ingested a slide this one is told of)."""
+        if self._ledger is None:
+            return
+        try:
+            with open(self._ledger, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_ino != self._inode or st.st_size < self._read_to:
+                    self._inode, self._read_to = st.st_ino, 0  # new (compacted): read whole
+                fh.seek(self._read_to)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read %s: %s", self._ledger, exc)
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only: a worker may be writing one
+        self._read_to += end
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            self._lines += 1
+            try:
+                row = json.loads(line)
+                self._known[str(row["fp"])] = (str(row["code"]), str(row["detail"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
 
     def __call__(self, path: Path) -> WsiServerError | None:
         from wsi_server.library import fingerprint
@@ -236,6 +258,10 @@ class IsolatedProbe:
         except OSError:
             fp = None
         known = self._known.get(fp) if fp is not None else None
+        if known is None and fp is not None:
+            with self._lock:
+                self._read_new()
+            known = self._known.get(fp)
         if known is None:
             with self._lock:
                 verdict = self._validator.validate(path)
@@ -272,12 +298,14 @@ class IsolatedProbe:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self._ledger)
+            st = os.stat(self._ledger)
         except OSError as exc:
             log.warning("cannot compact %s: %s", self._ledger, exc)
             tmp.unlink(missing_ok=True)
             return 0
         with self._lock:
             self._known, self._lines = keep, len(keep)
+            self._inode, self._read_to = st.st_ino, st.st_size
         log.info("slide checks: %d outdated verdicts dropped from %s", dropped, self.LEDGER)
         return dropped
 
@@ -285,8 +313,7 @@ class IsolatedProbe:
         self._known[fp] = verdict
         if self._ledger is None:
             return
-        self._lines += 1
-        line = self._line(fp, verdict)
+        line = self._line(fp, verdict)  # counted in _lines when read back
         try:  # one short append per verdict: whole lines, even with several workers
             with open(self._ledger, "a", encoding="utf-8") as fh:
                 fh.write(line)

@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -167,7 +168,14 @@ class IngestPipeline:
         self.on_outcome: OnOutcome | None = None
         """Told of each scan's outcome once its files are where they belong: done,
         quarantined or duplicate (the server writes it to the audit trail)."""
+        self.on_followed: Callable[[Path], object] | None = None
+        """While another process ingests into the library (this one stands by): told of
+        each slide that process publishes, within a second (``--workers N``: every
+        worker's library knows a new slide, not only the ingesting worker's)."""
         self.state = IngestState.in_library(self.library)
+        # a minute back: a slide published while this process scanned its library is
+        # announced again (adding a slide the library has is a no-op)
+        self._followed = self.state.last_event_before(time.time() - 60)
         self.tracker = SettleTracker(config.settle_seconds)
         self.validator = Validator(config.validate_timeout)
         self.current: int | None = None
@@ -217,9 +225,26 @@ class IngestPipeline:
             if not logged:
                 log.info("ingest: another process ingests into %s; standing by", self.library)
                 logged = True
+            self.follow()
             if self._stop.wait(1.0):
                 return False
         return True
+
+    def follow(self) -> int:
+        """On a standby process: pass the slides the ingesting process published since the
+        last call to ``on_followed``; returns how many."""
+        try:
+            self._followed, paths = self.state.published_since(self._followed)
+        except sqlite3.Error as exc:  # the journal busy or away: the next second retries
+            log.warning("ingest: cannot read the journal: %s", exc)
+            return 0
+        for path in paths:
+            if self.on_followed is not None:
+                try:
+                    self.on_followed(Path(path))
+                except Exception:
+                    log.exception("ingest: the library did not take %s", Path(path).name)
+        return len(paths)
 
     def _run(self) -> None:
         if not self._acquire():

@@ -211,6 +211,19 @@ class IngestState:
             (time.time(), scan_id, kind, message),
         )
 
+    def published_since(self, event_id: int) -> tuple[int, list[str]]:
+        """The last event id, and the library paths of the slides published by events
+        after ``event_id`` (what a standby process follows)."""
+        rows = self._rows(
+            "SELECT e.id, s.dest FROM events e JOIN scans s ON s.id = e.scan_id "
+            "WHERE e.id > ? AND e.kind = 'ingested' ORDER BY e.id", (event_id,))
+        last = self._rows("SELECT COALESCE(MAX(id), 0) AS id FROM events")[0]["id"]
+        return max(int(last), event_id), [r["dest"] for r in rows if r["dest"]]
+
+    def last_event_before(self, ts: float) -> int:
+        rows = self._rows("SELECT COALESCE(MAX(id), 0) AS id FROM events WHERE ts < ?", (ts,))
+        return int(rows[0]["id"])
+
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows(
             "SELECT e.ts, e.scan_id, e.kind, e.message, s.source FROM events e "

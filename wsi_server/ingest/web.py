@@ -62,6 +62,7 @@ class IngestHook:
         config = IngestConfig.from_settings(self.settings)
         self.pipeline = IngestPipeline(config, self._on_ingested)
         self.pipeline.on_outcome = self.on_outcome
+        self.pipeline.on_followed = self.library.add  # another worker's slide: list it here
         self.pipeline.start()
         log.info("ingest: watching %s", config.watch)
 
