@@ -85,6 +85,8 @@ class Server:
     base: str
     tile_urls: dict[str, str]
     """Per file name: a format string with level, col, row."""
+    pid: int = 0
+    """The server's (or its front's) process, the root of its process tree."""
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> None:
@@ -149,7 +151,7 @@ def iipsrv(tiffs: Sequence[Path], cache_mb: int, procs: int = 2) -> Iterator[Ser
             wait_ready(f"{base}{prefix}{tiffs[0].name}.dzi")
             yield Server(f"iipsrv (cache {cache_mb} MB)", base,
                          {t.name: f"{prefix}{t.name}" + "_files/{0}/{1}_{2}.jpg"
-                          for t in tiffs})
+                          for t in tiffs}, proc.pid)
         finally:
             stop(proc)
 
@@ -175,7 +177,8 @@ def deepzoom_server(script: Path, tiff: Path) -> Iterator[Server]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base}/slide.dzi")
-        yield Server("deepzoom_server", base, {tiff.name: "/slide_files/{0}/{1}_{2}.jpeg"})
+        yield Server("deepzoom_server", base, {tiff.name: "/slide_files/{0}/{1}_{2}.jpeg"},
+                     proc.pid)
     finally:
         stop(proc)
 
@@ -193,7 +196,7 @@ def wsi_server(tiffs: Sequence[Path], cold: bool) -> Iterator[Server]:
             sid = ids.get(t.name) or ids.get(t.stem)
             urls[t.name] = f"/slides/{sid}/native_files/{{0}}/{{1}}_{{2}}.jpeg"
         yield Server(f"wsi-server ({'--cache-size 0' if cold else 'memory cache'})",
-                     srv.base, urls)
+                     srv.base, urls, srv.pid)
 
 
 @dataclass(frozen=True)

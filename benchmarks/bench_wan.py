@@ -19,36 +19,73 @@ and drawn: OpenSeadragon's ``fully-loaded-change``). Two figures per step:
 Network conditions are emulated by Chromium itself (DevTools
 ``Network.emulateNetworkConditions``: added latency per request and throughput caps) on
 loopback; bytes per step are the sum of ``Network.loadingFinished.encodedDataLength``.
-Each profile gets a fresh server (default settings: memory cache on) and a fresh browser
-context (empty HTTP cache). Profiles: ``wan`` 40 ms, 20 Mbit/s; ``lan`` 1 ms, 1 Gbit/s.
+Each run (profile × proxy × encoding) gets a fresh server (default settings: memory cache
+on) and a fresh browser context (empty HTTP cache). Profiles: ``wan`` 40 ms, 20 Mbit/s;
+``lan`` 1 ms, 1 Gbit/s. The server's CPU time (user + system, its process tree, from
+``/proc``) is read before and after each step.
+
+``--encoding stored,reencoded``: one run per tile encoding, the viewer opened as
+``/view/{id}?encoding=X`` (``reencoded``: stored tiles re-encoded as JPEG 4:2:0 at the
+server's quality instead of sent as stored).
+
+``--prefetch on,off`` (one run each; ``off`` opens the viewer with ``?prefetch=0``) and
+``--dwell-ms N`` (the reader looks at each view N ms before the next step; what the viewer
+fetches meanwhile counts towards the step just made): the viewer's next-screen prefetch
+pays off only when the reader pauses, which back-to-back steps (the default) never do.
+
+``--proxy none,h1,h2``: one run per front; ``h1``/``h2`` put Debian's nginx in front, as
+the deployment's ``proxy`` service does (HTTP/1.1 keepalive upstream), on TLS with a
+self-signed certificate made for the run, speaking HTTP/1.1 or HTTP/2 to the browser (a
+browser speaks HTTP/2 only over TLS, and opens at most 6 HTTP/1.1 connections per origin).
+The protocol column is what Chromium reports for the tile responses.
 
 Target (issue 12): WAN ``sharp`` p95 ≤ 1.0 s after each pan or zoom step.
 
 ``--peers``: the same session through wsi-server's, iipsrv's and deepzoom_server's Deep
 Zoom (set up as in ``bench_peers``, on its every-2× pyramidal TIFF), each in the same bare
 OpenSeadragon page (the viewer's tile-loading options) that Playwright serves on the
-server's origin.
+server's origin; wsi-server twice, stored and re-encoded tiles (each on a fresh server).
+Each row adds the session's bytes and the CPU time of the server's process tree (for iipsrv:
+lighttpd and its iipsrv processes).
 
     python -m benchmarks.bench_wan [--profiles wan,lan] [--pans 20] [--steps] [--peers]
+        [--encoding stored,reencoded] [--prefetch on,off] [--dwell-ms 0]
+        [--proxy none,h1,h2]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import ssl
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from benchmarks.common import LiveServer, bench_slide, machine, markdown_table, percentile
+from benchmarks.common import (
+    LiveServer,
+    bench_slide,
+    free_port,
+    machine,
+    markdown_table,
+    percentile,
+)
 
 CHROMIUM = os.environ.get("WSI_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -59,9 +96,12 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+NGINX = os.environ.get("WSI_BENCH_NGINX", "/usr/sbin/nginx")
 SCREEN = (1920, 1080)
 TARGET_WAN_P95_S = 1.0
 TILE_URL = re.compile(r"_files/(\d+)/\d+_\d+\.")
+ENCODINGS = ("stored", "reencoded")
+PROXIES = ("none", "h1", "h2")
 
 
 @dataclass(frozen=True)
@@ -101,6 +141,8 @@ class Result:
     requests: int
     tiles_drawn: int
     levels: Counter[int]
+    cpu_s: float = float("nan")
+    """The server's CPU time during the step (NaN when not measured)."""
 
 
 @dataclass
@@ -111,15 +153,53 @@ class Traffic:
     requests: int = 0
     levels: Counter[int] = field(default_factory=Counter)
     """Tile requests per Deep Zoom level."""
+    protocols: Counter[str] = field(default_factory=Counter)
+    """Tile responses per protocol Chromium reports (``h2``, ``http/1.1``)."""
+    encodings: Counter[str] = field(default_factory=Counter)
+    """Tile requests per ``encoding`` query parameter (``-``: none)."""
 
     def on_request(self, params: dict[str, Any]) -> None:
-        m = TILE_URL.search(str(params.get("request", {}).get("url", "")))
+        url = str(params.get("request", {}).get("url", ""))
+        m = TILE_URL.search(url)
         if m:
             self.levels[int(m.group(1))] += 1
+            self.encodings[parse_qs(urlsplit(url).query).get("encoding", ["-"])[0]] += 1
+
+    def on_response(self, params: dict[str, Any]) -> None:
+        response = params.get("response", {})
+        if TILE_URL.search(str(response.get("url", ""))) and response.get("protocol"):
+            self.protocols[str(response["protocol"])] += 1
 
     def on_finished(self, params: dict[str, Any]) -> None:
         self.bytes += int(params.get("encodedDataLength", 0))
         self.requests += 1
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (with their reaped
+    children), from ``/proc``; NaN where there is no ``/proc``."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return float("nan")
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path("/proc", name, "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        f = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd (state) on
+        children.setdefault(int(f[1]), []).append(int(name))
+        ticks[int(name)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def serpentine(width: float, height: float, z: float, start: tuple[float, float],
@@ -155,6 +235,156 @@ def session(width: int, height: int, power: float, pans: int) -> list[Step]:
         steps.append(Step("pan", x, y, z40))
     steps.append(Step("home", 0, 0, 0))
     return steps
+
+
+# -- TLS front: Debian's nginx, as the deployment's proxy service ----------------------
+def self_signed(key: Path, cert: Path) -> str:
+    """A P-256 key and a self-signed certificate for 127.0.0.1 (``cryptography`` if
+    installed, else ``openssl req``); returns the base64 SHA-256 of its public key (for
+    Chromium's ``--ignore-certificate-errors-spki-list``)."""
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"],
+                             check=True, capture_output=True).stdout
+        spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=der,
+                              check=True, capture_output=True).stdout
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    spki = private.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def nginx_version() -> tuple[int, ...]:
+    out = subprocess.run([NGINX, "-v"], capture_output=True, text=True, check=True)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stderr + out.stdout)
+    if not m:
+        raise RuntimeError(f"cannot read nginx's version from {out.stderr!r}")
+    return tuple(int(g) for g in m.groups())
+
+
+# The deployment's proxy (compose.yaml's `proxy` service), on TLS, in a prefix of its own.
+NGINX_CONF = """
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/client_body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream wsi {{
+    server {upstream};
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{port} ssl{listen_http2};{http2_on}
+    ssl_certificate {dir}/cert.pem;
+    ssl_certificate_key {dir}/key.pem;
+    location / {{
+      proxy_pass http://wsi;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Front:
+    base: str
+    pid: int
+
+
+def https_ready(url: str, timeout: float = 20.0) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+@contextmanager
+def nginx_front(upstream: str, http2: bool, certs: Path) -> Iterator[Front]:
+    """Debian's nginx on a free loopback port, TLS (``certs``/key.pem, cert.pem) with or
+    without HTTP/2, proxying to ``upstream`` (host:port) as compose.yaml's proxy does; in
+    a temp prefix, stopped (with its workers) on exit."""
+    new_syntax = nginx_version() >= (1, 25, 1)  # `http2 on;` replaces `listen ... http2`
+    with tempfile.TemporaryDirectory(prefix="bench-wan-nginx-") as tmp:
+        d = Path(tmp)
+        if os.geteuid() == 0:  # workers run as nobody: let them reach their temp paths
+            d.chmod(0o711)
+        for name in ("key.pem", "cert.pem"):
+            shutil.copy(certs / name, d / name)
+        port = free_port()
+        (d / "nginx.conf").write_text(NGINX_CONF.format(
+            dir=d, port=port, upstream=upstream,
+            listen_http2=" http2" if http2 and not new_syntax else "",
+            http2_on="\n    http2 on;" if http2 and new_syntax else ""))
+        subprocess.run([NGINX, "-t", "-q", "-p", tmp, "-e", str(d / "error.log"), "-c",
+                        "nginx.conf"], check=True)
+        with open(d / "stderr.log", "wb") as err:
+            proc = subprocess.Popen([NGINX, "-p", tmp, "-e", str(d / "error.log"), "-c",
+                                     "nginx.conf", "-g", "daemon off;"],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        base = f"https://127.0.0.1:{port}"
+        try:
+            https_ready(f"{base}/readyz")
+            yield Front(base, proc.pid)
+        except BaseException:
+            sys.stderr.write((d / "error.log").read_text(errors="replace")[-2000:])
+            raise
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # fast shutdown: the master stops its workers, then exits
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # Runs one step in the page; resolves with [sharp ms, after-settle ms, tiles drawn].
@@ -200,22 +430,31 @@ async ([kind, x, y, z, timeoutMs]) => {
 def run_profile(browser: Any, view_url: str, steps: Sequence[Step],
                 profile: Profile, item_options: dict[str, object] | None = None,
                 loader_limit: int = 0, routes: dict[str, tuple[str, bytes]] | None = None,
+                cpu: Callable[[], float] | None = None, traffic: Traffic | None = None,
+                dwell_ms: float = 0,
                 ) -> list[Result]:
+    """The session in a fresh context; ``cpu`` (the server's CPU seconds so far) is read
+    around each step, ``traffic`` (if given) collects the whole session's network events.
+    ``dwell_ms``: the reader looks at each view that long before the next step; what the
+    viewer fetches meanwhile (its prefetch) counts towards the step just made."""
     context = browser.new_context(viewport={"width": SCREEN[0], "height": SCREEN[1]},
                                   device_scale_factor=1)
+    cpu = cpu or (lambda: float("nan"))
     try:
         page = context.new_page()
         cdp = context.new_cdp_session(page)
-        traffic = Traffic()
+        traffic = traffic or Traffic()
         cdp.on("Network.loadingFinished", traffic.on_finished)
         cdp.on("Network.requestWillBeSent", traffic.on_request)
+        cdp.on("Network.responseReceived", traffic.on_response)
         cdp.send("Network.enable")
         cdp.send("Network.emulateNetworkConditions", profile.cdp())
         results = []
-        t0 = time.perf_counter()
         for url, (ctype, body) in (routes or {}).items():
             page.route(url, lambda route, t=ctype, b=body: route.fulfill(
                 status=200, content_type=t, body=b))
+        c0 = cpu()
+        t0 = time.perf_counter()
         page.goto(view_url)
         page.wait_for_function(
             "() => window.wsiViewer && window.wsiViewer.world.getItemCount() > 0"
@@ -223,20 +462,22 @@ def run_profile(browser: Any, view_url: str, steps: Sequence[Step],
             polling="raf", timeout=60_000,
         )
         opened = time.perf_counter() - t0
+        page.wait_for_timeout(50)
         results.append(Result(Step("open", 0, 0, 0), opened, float("nan"), traffic.bytes,
-                              traffic.requests, 0, Counter(traffic.levels)))
+                              traffic.requests, 0, Counter(traffic.levels), cpu() - c0))
         if item_options:
             page.evaluate("(o) => Object.assign(window.wsiViewer.world.getItemAt(0), o)",
                           item_options)
         if loader_limit:
             page.evaluate("(n) => { window.wsiViewer.imageLoader.jobLimit = n; }", loader_limit)
         for step in steps:
-            b0, r0, l0 = traffic.bytes, traffic.requests, Counter(traffic.levels)
+            b0, r0, l0, c0 = traffic.bytes, traffic.requests, Counter(traffic.levels), cpu()
             sharp_ms, settle_ms, drawn = page.evaluate(
                 STEP_JS, [step.kind, step.x, step.y, step.z, 30_000])
-            page.wait_for_timeout(50)  # let the last loadingFinished events arrive
+            page.wait_for_timeout(50 + dwell_ms)  # and the last loadingFinished events arrive
             results.append(Result(step, sharp_ms / 1e3, settle_ms / 1e3, traffic.bytes - b0,
-                                  traffic.requests - r0, int(drawn), traffic.levels - l0))
+                                  traffic.requests - r0, int(drawn), traffic.levels - l0,
+                                  cpu() - c0))
         return results
     finally:
         context.close()
@@ -263,37 +504,60 @@ OSD_JS = Path(__file__).resolve().parent.parent / "node_modules" / "openseadrago
 def run_peers(browser: Any, profiles: Sequence[Profile], pans: int, min_pixel_ratio: float
               ) -> list[list[object]]:
     """The session through each server's Deep Zoom (256 px, overlap 0) on bench_peers'
-    every-2× pyramidal TIFF, in the same bare OpenSeadragon page."""
+    every-2× pyramidal TIFF, in the same bare OpenSeadragon page; wsi-server with stored
+    and with re-encoded tiles."""
     from benchmarks import bench_peers as bp
 
     tiff = bp.peers_tiff(bp.FULL_PYRAMID)
     osd = OSD_JS.read_bytes()
     rows: list[list[object]] = []
 
-    def one(name: str, base: str, dzi: str) -> None:
+    def one(name: str, base: str, dzi: str, pid: int) -> None:
         html = PEER_PAGE % {"dzi": json.dumps(dzi), "min_pixel_ratio": min_pixel_ratio}
         routes = {f"{base}/__bench__/view.html": ("text/html", html.encode()),
                   f"{base}/__bench__/openseadragon.min.js": ("text/javascript", osd)}
         steps = session(bp.WIDTH, bp.HEIGHT, 40.0, pans)
         for profile in profiles:
+            traffic = Traffic()
+            c0 = tree_cpu_s(pid)
             results = run_profile(browser, f"{base}/__bench__/view.html", steps, profile,
-                                  routes=routes)
-            for row in summary_rows(profile.name, results):
-                if row[1] == "pan + zoom":
-                    rows.append([name, *row])
+                                  routes=routes, traffic=traffic)
+            cpu = tree_cpu_s(pid) - c0
+            for row in summary_rows([name, profile.name], results):
+                if row[2] == "pan + zoom":
+                    rows.append([*row, sum(r.bytes for r in results) / 1e6, cpu])
+            if name.startswith("wsi-server") and not dzi_encoding_ok(dzi, traffic):
+                print(f"warning: {name}: tile requests by encoding {dict(traffic.encodings)}",
+                      file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="bench-wan-peers-") as tmp:
         with bp.wsi_server([tiff], cold=False) as s:
-            one("wsi-server", s.base, s.tile_urls[tiff.name].split("_files/")[0] + ".dzi")
+            dzi = s.tile_urls[tiff.name].split("_files/")[0] + ".dzi"
+            one("wsi-server", s.base, dzi, s.pid)
+        # a fresh server: the re-encoded session starts with the same (empty) tile cache
+        with bp.wsi_server([tiff], cold=False) as s:
+            dzi = s.tile_urls[tiff.name].split("_files/")[0] + ".dzi"
+            one(f"wsi-server (re-encoded q{bp.QUALITY})", s.base, dzi + "?encoding=reencoded",
+                s.pid)
         with bp.iipsrv([tiff], 1024) as s:
-            one("iipsrv", s.base, f"/fcgi-bin/iipsrv.fcgi?DeepZoom={tiff.name}.dzi")
+            one("iipsrv", s.base, f"/fcgi-bin/iipsrv.fcgi?DeepZoom={tiff.name}.dzi", s.pid)
         script = bp.deepzoom_example(Path(tmp))
         with bp.deepzoom_server(script, tiff) as s:
-            one("deepzoom_server", s.base, "/slide.dzi")
+            one("deepzoom_server", s.base, "/slide.dzi", s.pid)
     return rows
 
 
-def summary_rows(profile: str, results: Sequence[Result]) -> list[list[object]]:
+def dzi_encoding_ok(dzi: str, traffic: Traffic) -> bool:
+    """Every tile request carried the descriptor's ``encoding`` (OpenSeadragon copies the
+    descriptor's query string onto tile URLs)."""
+    want = parse_qs(urlsplit(dzi).query).get("encoding", ["-"])[0]
+    return set(traffic.encodings) <= {want}
+
+
+def summary_rows(prefix: Sequence[object], results: Sequence[Result], with_cpu: bool = False
+                 ) -> list[list[object]]:
+    """Per step kind: ``[*prefix, kind, n, sharp p50/p95 ms, after settle p50/p95 ms,
+    kB/step, requests/step (, server CPU ms/step)]``."""
     rows: list[list[object]] = []
     groups = {"open": ["open"], "zoom": ["zoom"], "pan": ["pan"], "home": ["home"],
               "pan + zoom": ["pan", "zoom"]}
@@ -303,15 +567,33 @@ def summary_rows(profile: str, results: Sequence[Result]) -> list[list[object]]:
             continue
         sharp = [r.sharp_s for r in rs]
         settle = [r.settle_s for r in rs if r.settle_s == r.settle_s]
-        rows.append([
-            profile, label, len(rs),
+        row: list[object] = [
+            *prefix, label, len(rs),
             percentile(sharp, 50) * 1e3, percentile(sharp, 95) * 1e3,
             percentile(settle, 50) * 1e3 if settle else "–",
             percentile(settle, 95) * 1e3 if settle else "–",
             sum(r.bytes for r in rs) / len(rs) / 1e3,
             sum(r.requests for r in rs) / len(rs),
-        ])
+        ]
+        if with_cpu:
+            row.append(sum(r.cpu_s for r in rs) / len(rs) * 1e3)
+        rows.append(row)
     return rows
+
+
+def protocol_label(protocols: Counter[str]) -> str:
+    """``h2``, ``http/1.1``, or each with its count when mixed."""
+    if len(protocols) <= 1:
+        return next(iter(protocols), "?")
+    return ", ".join(f"{p} ×{n}" for p, n in protocols.most_common())
+
+
+def comma_list(value: str, allowed: Sequence[str]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}")
+    return items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,14 +605,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", action="store_true", help="also print every step")
     ap.add_argument("--server-flag", action="append", default=[],
                     help="extra flag for `wsi_server serve` (repeatable)")
+    ap.add_argument("--encoding", default=["stored"],
+                    type=lambda v: comma_list(v, ENCODINGS),
+                    help="comma-separated tile encodings, one run each: stored, reencoded "
+                         "(the viewer opened with ?encoding=X)")
+    ap.add_argument("--prefetch", default=["on"], type=lambda v: comma_list(v, ("on", "off")),
+                    help="comma-separated, one run each: on (the viewer's default), off "
+                         "(?prefetch=0: no next-screen prefetch)")
+    ap.add_argument("--dwell-ms", type=float, default=0,
+                    help="the reader looks at each view this long before the next step "
+                         "(what the prefetch needs to pay off; default 0: back to back)")
+    ap.add_argument("--proxy", default=["none"], type=lambda v: comma_list(v, PROXIES),
+                    help="comma-separated fronts, one run each: none (the server itself), "
+                         "h1 / h2 (Debian's nginx on TLS, HTTP/1.1 / HTTP/2 to the browser)")
     ap.add_argument("--osd-item", action="append", default=[], metavar="NAME=JSON",
                     help="set an option of the viewer's TiledImage after open, to try a "
                          "setting without editing viewer.js (e.g. minPixelRatio=0.55)")
     ap.add_argument("--osd-loader-limit", type=int, default=0,
                     help="set OpenSeadragon's imageLoader.jobLimit (imageLoaderLimit)")
     ap.add_argument("--peers", action="store_true",
-                    help="instead: the session through wsi-server's, iipsrv's and "
-                         "deepzoom_server's Deep Zoom on bench_peers' TIFF")
+                    help="instead: the session through wsi-server's (stored and re-encoded "
+                         "tiles), iipsrv's and deepzoom_server's Deep Zoom on bench_peers' "
+                         "TIFF")
     ap.add_argument("--min-pixel-ratio", type=float, default=0.55,
                     help="OpenSeadragon minPixelRatio of the --peers page")
     args = ap.parse_args(argv)
@@ -339,6 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
     if executable is None:
         print("chromium is missing (Debian package chromium)", file=sys.stderr)
+        return 2
+    tls = [p for p in args.proxy if p != "none"]
+    if tls and args.peers:
+        print("--proxy applies to the viewer session, not to --peers", file=sys.stderr)
+        return 2
+    if tls and not Path(NGINX).exists():
+        print(f"{NGINX} is missing (Debian package nginx-light)", file=sys.stderr)
         return 2
     from playwright.sync_api import sync_playwright
 
@@ -359,54 +662,110 @@ def main(argv: Sequence[str] | None = None) -> int:
                 browser.close()
         print(markdown_table(
             ["server", "profile", "steps", "n", "sharp p50 ms", "sharp p95 ms",
-             "after settle p50 ms", "after settle p95 ms", "kB/step", "requests/step"],
-            peer_rows))
+             "after settle p50 ms", "after settle p95 ms", "kB/step", "requests/step",
+             "session MB", "server CPU s"], peer_rows))
         load = os.getloadavg()
         print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         return 0
     path = bench_slide(args.width, args.height)
     print(f"slide {path.name}; OpenSeadragon overrides: {item_options or 'none'}, loader "
-          f"limit {args.osd_loader_limit or 'default'}\n")
+          f"limit {args.osd_loader_limit or 'default'}", end="")
+    if tls:
+        v = ".".join(map(str, nginx_version()))
+        print(f"; front: nginx {v} on TLS (self-signed P-256), HTTP/1.1 keepalive upstream",
+              end="")
+    print(f"; the reader looks at each view {args.dwell_ms:g} ms before the next step\n")
     rows: list[list[object]] = []
+    sessions: list[list[object]] = []
     per_step: list[list[object]] = []
     verdicts = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, headless=True,
-                                     args=CHROMIUM_FLAGS)
+    with tempfile.TemporaryDirectory(prefix="bench-wan-") as tmp, sync_playwright() as pw:
+        flags = list(CHROMIUM_FLAGS)
+        if tls:
+            # Trusting the certificate's key (not ignoring errors): Chromium does not cache
+            # responses that came with a certificate error.
+            spki = self_signed(Path(tmp, "key.pem"), Path(tmp, "cert.pem"))
+            flags.append(f"--ignore-certificate-errors-spki-list={spki}")
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=flags)
         try:
             for profile in profiles:
-                with LiveServer([path.parent], *args.server_flag) as srv:
-                    listing = srv.json("/api/slides")
-                    assert isinstance(listing, dict)
-                    slide_id = str(listing["slides"][0]["id"])
-                    detail = srv.json(f"/api/slides/{slide_id}")
-                    assert isinstance(detail, dict)
-                    power = float(detail.get("objective_power") or 40)
-                    steps = session(int(detail["width"]), int(detail["height"]), power,
-                                    args.pans)
-                    results = run_profile(browser, f"{srv.base}/view/{slide_id}", steps,
-                                          profile, item_options, args.osd_loader_limit)
-                rows += summary_rows(profile.name, results)
-                moves = [r.sharp_s for r in results if r.step.kind in ("pan", "zoom")]
-                p95 = percentile(moves, 95)
-                if profile.name == "wan":
-                    verdicts.append(f"WAN pan/zoom sharp p95 {p95 * 1e3:.0f} ms (target ≤ "
-                                    f"{TARGET_WAN_P95_S * 1e3:.0f} ms): "
-                                    f"{'met' if p95 <= TARGET_WAN_P95_S else 'NOT met'}")
-                for i, r in enumerate(results):
-                    per_step.append([profile.name, i, r.step.kind, round(r.step.z * power, 1),
-                                     r.sharp_s * 1e3, r.settle_s * 1e3, r.bytes / 1e3,
-                                     r.requests, r.tiles_drawn,
-                                     " ".join(f"{k}:{n}" for k, n in sorted(r.levels.items()))])
+                for proxy in args.proxy:
+                    for encoding, prefetch in itertools.product(args.encoding, args.prefetch):
+                        with LiveServer([path.parent], *args.server_flag) as srv:
+                            listing = srv.json("/api/slides")
+                            assert isinstance(listing, dict)
+                            slide_id = str(listing["slides"][0]["id"])
+                            detail = srv.json(f"/api/slides/{slide_id}")
+                            assert isinstance(detail, dict)
+                            power = float(detail.get("objective_power") or 40)
+                            steps = session(int(detail["width"]), int(detail["height"]),
+                                            power, args.pans)
+                            traffic = Traffic()
+
+                            def server_cpu(pid: int = srv.pid) -> float:
+                                return tree_cpu_s(pid)
+
+                            query = f"?encoding={encoding}"
+                            query += "&prefetch=0" if prefetch == "off" else ""
+                            front_cpu = float("nan")
+                            if proxy == "none":
+                                results = run_profile(
+                                    browser, f"{srv.base}/view/{slide_id}{query}", steps,
+                                    profile, item_options, args.osd_loader_limit,
+                                    cpu=server_cpu, traffic=traffic, dwell_ms=args.dwell_ms)
+                            else:
+                                with nginx_front(f"127.0.0.1:{srv.port}", proxy == "h2",
+                                                 Path(tmp)) as front:
+                                    n0 = tree_cpu_s(front.pid)
+                                    results = run_profile(
+                                        browser, f"{front.base}/view/{slide_id}{query}",
+                                        steps, profile, item_options, args.osd_loader_limit,
+                                        cpu=server_cpu, traffic=traffic,
+                                        dwell_ms=args.dwell_ms)
+                                    front_cpu = tree_cpu_s(front.pid) - n0
+                        protocol = protocol_label(traffic.protocols)
+                        if set(traffic.encodings) - {encoding}:
+                            print(f"warning: asked for {encoding} tiles; tile requests by "
+                                  f"encoding: {dict(traffic.encodings)}", file=sys.stderr)
+                        labels = [profile.name, proxy, protocol,
+                                  encoding + (", no prefetch" if prefetch == "off" else "")]
+                        rows += summary_rows(labels, results, with_cpu=True)
+                        moves = [r.sharp_s for r in results if r.step.kind in ("pan", "zoom")]
+                        p95 = percentile(moves, 95)
+                        one = sum(r.cpu_s for r in results)
+                        sessions.append([
+                            *labels, sum(r.bytes for r in results) / 1e6,
+                            sum(r.requests for r in results), p95 * 1e3, one,
+                            front_cpu if proxy != "none" else "–", os.getloadavg()[0]])
+                        if profile.name == "wan":
+                            verdicts.append(
+                                f"WAN ({proxy}, {encoding}) pan/zoom sharp p95 {p95 * 1e3:.0f} "
+                                f"ms (target ≤ {TARGET_WAN_P95_S * 1e3:.0f} ms): "
+                                f"{'met' if p95 <= TARGET_WAN_P95_S else 'NOT met'}")
+                        print(f"done: {' '.join(labels)}: p95 {p95 * 1e3:.0f} ms, server CPU "
+                              f"{one:.1f} s", file=sys.stderr, flush=True)
+                        for i, r in enumerate(results):
+                            per_step.append([
+                                *labels, i, r.step.kind, round(r.step.z * power, 1),
+                                r.sharp_s * 1e3, r.settle_s * 1e3, r.bytes / 1e3, r.requests,
+                                r.tiles_drawn, r.cpu_s * 1e3,
+                                " ".join(f"{k}:{n}" for k, n in sorted(r.levels.items()))])
         finally:
             browser.close()
     print(markdown_table(
-        ["profile", "step", "n", "sharp p50 ms", "sharp p95 ms", "after settle p50 ms",
-         "after settle p95 ms", "kB/step", "requests/step"], rows))
+        ["profile", "proxy", "protocol", "encoding", "step", "n", "sharp p50 ms",
+         "sharp p95 ms", "after settle p50 ms", "after settle p95 ms", "kB/step",
+         "requests/step", "server CPU ms/step"], rows))
+    print("\nWhole sessions (open to home):\n")
+    print(markdown_table(
+        ["profile", "proxy", "protocol", "encoding", "MB", "requests",
+         "pan/zoom sharp p95 ms", "server CPU s", "nginx CPU s", "load (1 min) after"],
+        sessions))
     if args.steps:
         print()
-        print(markdown_table(["profile", "#", "step", "mag", "sharp ms", "after settle ms",
-                              "kB", "requests", "tiles drawn", "tiles per DZ level"], per_step))
+        print(markdown_table(["profile", "proxy", "protocol", "encoding", "#", "step", "mag",
+                              "sharp ms", "after settle ms", "kB", "requests", "tiles drawn",
+                              "server CPU ms", "tiles per DZ level"], per_step))
     load = os.getloadavg()
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for v in verdicts:
