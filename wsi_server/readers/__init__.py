@@ -99,10 +99,11 @@ def check_metadata(meta: SlideMetadata) -> None:
 
 def default_registry() -> ReaderRegistry:
     from wsi_server.readers.dicom import DicomBackend
-    from wsi_server.readers.openslide_backend import OpenSlideBackend
+    from wsi_server.readers.openslide_backend import OpenSlideBackend, openslide_cache
     from wsi_server.readers.tiff import TiffBackend
 
-    backends: list[ReaderBackend] = [TiffBackend(), DicomBackend(), OpenSlideBackend()]
+    cache = openslide_cache()  # one for every OpenSlide handle of the process
+    backends: list[ReaderBackend] = [TiffBackend(), DicomBackend(cache), OpenSlideBackend(cache)]
     try:
         from wsi_server.readers.zarr_backend import ZarrBackend
     except ImportError:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pydicom
 import simplejpeg
 from pydicom.encaps import parse_basic_offsets, parse_fragments
@@ -39,7 +40,7 @@ from wsi_server.dicom.frames import jpeg_photometric
 from wsi_server.errors import UnreadableSlide
 from wsi_server.readers import grid
 from wsi_server.readers.base import DECODE_ERRORS, RawTile
-from wsi_server.readers.openslide_backend import OpenSlideReader
+from wsi_server.readers.openslide_backend import OpenSlideReader, openslide_cache
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def _undo_openslide_transform(pixels: np.ndarray, stated: str) -> np.ndarray:
 
 
 class DicomReader(OpenSlideReader):
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, cache: openslide.OpenSlideCache | None = None) -> None:
+        super().__init__(path, cache)
         self.metadata = dataclasses.replace(self.metadata, format="dicom", vendor="dicom")
         self._frames: dict[int, _Frames] = {}
         self._fds: dict[Path, int] = {}
@@ -285,10 +286,13 @@ class DicomBackend:
     name = "dicom"
     priority = 20
 
+    def __init__(self, cache: openslide.OpenSlideCache | None = None) -> None:
+        self.cache = cache if cache is not None else openslide_cache()
+
     def can_open(self, path: Path) -> bool:
         if not path.is_dir():
             return False
         return any(c.suffix.lower() == ".dcm" for c in path.iterdir())
 
     def open(self, path: Path) -> DicomReader:
-        return DicomReader(path)
+        return DicomReader(path, self.cache)

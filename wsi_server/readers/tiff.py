@@ -10,12 +10,14 @@ OpenSlide's rules for the same file, so both backends agree pixel for pixel.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -82,8 +84,11 @@ class DecodedTiles:
 
 
 class _Level:
+    """What reads of a level need, copied out of its TIFF page: the tile table as two
+    arrays of 8-byte integers (tifffile holds it as tuples of Python ints, ~90 bytes a
+    tile), and the page's decode function only when the tiles are not JPEG."""
+
     def __init__(self, page: tifffile.TiffPage) -> None:
-        self.page = page
         self.width = int(page.imagewidth)
         self.height = int(page.imagelength)
         self.tile_w = int(page.tilewidth)
@@ -92,16 +97,17 @@ class _Level:
             raise UnreadableSlide("a level declares an empty size or tile size")
         self.cols = math.ceil(self.width / self.tile_w)
         self.rows = math.ceil(self.height / self.tile_h)
-        self.offsets = tuple(int(o) for o in page.dataoffsets)
-        self.counts = tuple(int(c) for c in page.databytecounts)
+        self.offsets = array.array("Q", page.dataoffsets)
+        self.counts = array.array("Q", page.databytecounts)
         if min(len(self.offsets), len(self.counts)) < self.cols * self.rows:
             raise UnreadableSlide("a level's size, tile size and tile count disagree")
         self.compression = int(page.compression)
         self.photometric = int(page.photometric)
         self.jpegtables: bytes | None = page.jpegtables
-        self.decode = page.decode
         self.is_jpeg = self.compression == _JPEG and int(page.samplesperpixel) == 3
         self.rgb_jpeg = self.is_jpeg and self.photometric == _RGB
+        # page.decode holds its page, and through it every object of the TiffFile
+        self.decode: Any = None if self.is_jpeg else page.decode
 
 
 def _check_page(page: tifffile.TiffPage) -> None:
@@ -143,27 +149,42 @@ class TiffReader:
     ) -> None:
         self.path = path
         self._decode_pool = decode_pool
-        self._tif = tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
         try:
-            self.metadata, self._levels, self._associated = self._inspect(fmt)
+            self.metadata, self._levels, self._associated = self._inspect(tif, fmt)
             self._fd = os.open(path, os.O_RDONLY)
             self._size = os.fstat(self._fd).st_size
         except Exception:
-            self._tif.close()
+            tif.close()
             raise
+        # A TiffFile is a web of reference cycles (pages and tags point back to it): once
+        # dropped it waits for a full run of the cyclic GC, which its tile tables (untracked
+        # ints) do not hasten, so evicted readers' tables pile up. JPEG levels need nothing
+        # of it after this; other compressions keep it for their pages' decode functions.
+        self._tif: tifffile.TiffFile | None = tif
+        if all(lv.decode is None for lv in self._levels):
+            tif.close()
+            self._tif = None
         self._decoded = decoded or DecodedTiles(DECODED_CACHE_BYTES // 4)
         self._token = self._decoded.token()
 
+    @contextlib.contextmanager
+    def _pages(self) -> Iterator[list[tifffile.TiffPage]]:
+        """The file's pages, read anew through the reader's descriptor (the file it serves,
+        even once another is renamed over its path), for the rare reads that need them."""
+        with os.fdopen(os.dup(self._fd), "rb") as fh, \
+                tifffile.TiffFile(fh, name=self.path.name, offset=0) as tif:
+            yield [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
+
     # -- opening ---------------------------------------------------------------
     def _inspect(
-        self, fmt: str
-    ) -> tuple[SlideMetadata, list[_Level], dict[str, tifffile.TiffPage]]:
-        tif = self._tif
+        self, tif: tifffile.TiffFile, fmt: str
+    ) -> tuple[SlideMetadata, list[_Level], dict[str, int]]:
         pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
         if not pages:
             raise UnsupportedSlide("no TIFF pages")
-        associated: dict[str, tifffile.TiffPage] = {}
+        associated: dict[str, int] = {}  # name: index in ``pages``
         props: dict[str, str] = {}
         if tif.is_ome:
             level_pages = [lv.keyframe for lv in tif.series[0].levels]
@@ -190,11 +211,11 @@ class TiffReader:
                     continue
                 text = (page.description or "").lower()
                 if i == 1:
-                    associated["thumbnail"] = page
+                    associated["thumbnail"] = i
                 elif "label" in text:
-                    associated["label"] = page
+                    associated["label"] = i
                 elif "macro" in text:
-                    associated["macro"] = page
+                    associated["macro"] = i
         else:
             mpp = self._resolution_mpp(first)
         dims = [(int(p.imagewidth), int(p.imagelength)) for p in level_pages]
@@ -358,11 +379,12 @@ class TiffReader:
         return RawTile(jpeg, codecs.JPEG, (lv.tile_w, lv.tile_h))
 
     def associated_image(self, name: str) -> np.ndarray:
-        page = self._associated[name]
-        if int(page.imagewidth) * int(page.imagelength) > MAX_DECODE_PIXELS:
-            raise UnreadableSlide(f"the {name} image declares an impossible size")
+        index = self._associated[name]
         try:
-            with self._lock:
+            with self._lock, self._pages() as pages:
+                page = pages[index]
+                if int(page.imagewidth) * int(page.imagelength) > MAX_DECODE_PIXELS:
+                    raise UnreadableSlide(f"the {name} image declares an impossible size")
                 arr = page.asarray()
             return codecs.to_rgb(arr)
         except DECODE_ERRORS as exc:
@@ -373,7 +395,8 @@ class TiffReader:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._tif.close()
+        if self._tif is not None:
+            self._tif.close()
 
     def __del__(self) -> None:
         if hasattr(self, "_fd"):
