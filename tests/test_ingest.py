@@ -62,13 +62,16 @@ def make_pipeline(dirs: tuple[Path, Path]) -> Iterator[Callable[..., IngestPipel
         p.close()
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 20.0) -> None:
+def wait_for(cond: Callable[[], object], timeout: float = 20.0,
+             state: Callable[[], object] | None = None) -> None:
+    """Until ``cond()``; on a timeout the failure shows ``state()`` (what was reached)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
             return
         time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
+    raise AssertionError(f"condition not reached in {timeout:g} s"
+                         + (f"; state: {state()!r}" if state is not None else ""))
 
 
 def library_files(lib: Path) -> list[Path]:
@@ -169,7 +172,10 @@ def test_dicom_series_arriving_instance_by_instance(
                 time.sleep(SETTLE * 0.3)
         assert not (lib / "series-42").exists(), "series taken before it was complete"
         time.sleep(SETTLE * 0.5)
-    wait_for(lambda: [r.state for r in pipeline.state.all()] == ["done"])
+    # a real DICOM series is checked in the validator process: give a loaded CI machine time
+    wait_for(lambda: [r.state for r in pipeline.state.all()] == ["done"], timeout=60,
+             state=lambda: ([(r.state, r.members, r.error) for r in pipeline.state.all()],
+                            pipeline.state.events(20)))
     moved = sorted(p.name for p in (lib / "series-42").iterdir())
     assert moved == sorted(p.name for p in arriving)
     reader = default_registry().open(lib / "series-42")
