@@ -130,11 +130,17 @@ def test_a_slide_ingested_by_one_worker_is_served_by_both(
             sid = next((s["id"] for s in slides if s["name"] == "new.svs"), None)
             time.sleep(0.1)
         assert sid is not None, "the scan was never listed"
-        time.sleep(1.5)  # the standby worker follows the journal every second
-        # fresh connections land on either worker (2**-40 that all land on one)
-        codes = [httpx.get(f"{base}/api/slides/{sid}", timeout=10).status_code
-                 for _ in range(40)]
-        assert codes == [200] * 40, codes
+        # The standby worker follows the journal every second; without following it would
+        # answer 404 for good (no rescans). Fresh connections land on either worker
+        # (2**-29 that 30 all land on one).
+        deadline = time.monotonic() + 15
+        while True:
+            codes = [httpx.get(f"{base}/api/slides/{sid}", timeout=10).status_code
+                     for _ in range(30)]
+            if codes == [200] * 30 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert codes == [200] * 30, codes
         listed = [len(httpx.get(base + "/api/slides", timeout=10).json()["slides"])
                   for _ in range(20)]
         assert listed == [1] * 20, listed
