@@ -364,6 +364,53 @@ def test_mrxs_file_and_its_folder_move_as_one(
     assert sorted(p.name for p in watch.iterdir()) == ["quarantine"]
 
 
+def test_a_dicom_series_is_one_unit_from_its_first_instance(tmp_path: Path) -> None:
+    """A folder holding DICOM instances is one unit (the series), however deep, decided on
+    one listing of the folder: a series caught with its first instance is never a lone
+    file, which the next look would find "gone" when the second instance makes it a
+    series (seen in CI: a folder listed empty, then its first file listed on its own)."""
+    watch = tmp_path / "watch"
+    (watch / "series-1").mkdir(parents=True)
+    (watch / "series-1" / "a.dcm").write_bytes(b"x")
+    (watch / "site" / "series-2").mkdir(parents=True)
+    (watch / "site" / "series-2" / "b.dcm").write_bytes(b"x")
+    (watch / "site" / "slide.svs").write_bytes(b"x")
+    (watch / "urgent").mkdir()
+    (watch / "urgent" / "lone.dcm").write_bytes(b"x")  # a file in a root is a file
+    (watch / "lone.dcm").write_bytes(b"x")
+    units = discover(watch, "urgent", ())
+    assert sorted(units, key=lambda u: u.source) == sorted([
+        Unit("lone.dcm", ("lone.dcm",), False, "file"),
+        Unit("series-1", ("series-1",), False, "dicom"),
+        Unit("site/series-2", ("site/series-2",), False, "dicom"),
+        Unit("site/slide.svs", ("site/slide.svs",), False, "file"),
+        Unit("urgent/lone.dcm", ("urgent/lone.dcm",), True, "file"),
+    ], key=lambda u: u.source)
+
+
+def test_a_series_folder_seen_empty_then_with_one_file_is_not_a_lone_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race itself: the folder's first listing is empty, the next has the instance."""
+    watch = tmp_path / "watch"
+    series = watch / "series-42"
+    series.mkdir(parents=True)
+    (series / "a.dcm").write_bytes(b"x")
+    looks = {"n": 0}
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        if self == series:
+            looks["n"] += 1
+            if looks["n"] == 1:
+                return iter(())
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert discover(watch, "urgent", ()) == []  # nothing there yet, as far as it knows
+    assert discover(watch, "urgent", ()) == [Unit("series-42", ("series-42",), False, "dicom")]
+
+
 def test_work_in_progress_names_are_not_taken(
     dirs: tuple[Path, Path], slides: dict[str, Path], make_pipeline: Callable[..., IngestPipeline]
 ) -> None:

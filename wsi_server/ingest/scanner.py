@@ -40,28 +40,30 @@ def _is_partial(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES)
 
 
-def _has_dcm(path: Path) -> bool:
-    try:
-        return any(c.suffix.lower() == ".dcm" and c.is_file() for c in path.iterdir())
-    except OSError:
-        return False
-
-
 def discover(watch: Path, urgent_dir: str, skip: Iterable[str] = ()) -> list[Unit]:
     """Every unit under ``watch``; ``skip`` names top-level folders that are not input."""
     skipped = set(skip)
     units: list[Unit] = []
-    _walk(watch, watch, False, skipped | {urgent_dir}, units)
+    _walk(watch, watch, False, skipped | {urgent_dir}, units, root=True)
     urgent = watch / urgent_dir
     if urgent.is_dir():
-        _walk(watch, urgent, True, set(), units)
+        _walk(watch, urgent, True, set(), units, root=True)
     return units
 
 
-def _walk(watch: Path, folder: Path, urgent: bool, skip: set[str], out: list[Unit]) -> None:
+def _walk(watch: Path, folder: Path, urgent: bool, skip: set[str], out: list[Unit],
+          root: bool = False) -> None:
     try:
         children = sorted(folder.iterdir())
     except OSError:
+        return
+    if not root and any(c.suffix.lower() == ".dcm" and not _is_partial(c.name)
+                        and c.is_file() for c in children):
+        # a DICOM series: the folder is the unit. Decided on this one listing, so a folder
+        # caught empty by one look and with its first instance by the next is never taken
+        # for a lone file
+        rel = folder.relative_to(watch).as_posix()
+        out.append(Unit(rel, (rel,), urgent, "dicom"))
         return
     names = {c.name for c in children}
     mrxs_data = {c.with_suffix("").name for c in children if c.suffix.lower() == ".mrxs"}
@@ -79,9 +81,7 @@ def _walk(watch: Path, folder: Path, urgent: bool, skip: set[str], out: list[Uni
                 continue  # taken with its .mrxs file
             if name.lower().endswith(".zarr"):
                 out.append(Unit(rel, (rel,), urgent, "zarr"))
-            elif _has_dcm(child):
-                out.append(Unit(rel, (rel,), urgent, "dicom"))
-            else:
+            else:  # a DICOM series, or a folder of slides
                 _walk(watch, child, urgent, set(), out)
         elif child.suffix.lower() == ".mrxs":
             data = child.with_suffix("").name
