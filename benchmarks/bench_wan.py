@@ -86,16 +86,8 @@ from benchmarks.common import (
     markdown_table,
     percentile,
 )
+from tests.plugins.browser import CHROMIUM, CHROMIUM_FLAGS  # the browser the tests drive
 
-CHROMIUM = os.environ.get("WSI_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 NGINX = os.environ.get("WSI_BENCH_NGINX", "/usr/sbin/nginx")
 SCREEN = (1920, 1080)
 TARGET_WAN_P95_S = 1.0

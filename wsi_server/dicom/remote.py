@@ -304,13 +304,17 @@ class DicomwebSource:
                 self.frame_requests += 1
                 r = self.client.get(self._frames_url(rs, inst, batch),
                                     headers={"Accept": FRAMES_ACCEPT})
-                if r.status_code == 404:
-                    raise UnreadableSlide("the archive no longer holds this instance")
-                r.raise_for_status()
-                out += self._parse_frames(r, len(batch))
+                out += self._frames_of(r, len(batch))
         except (httpx.HTTPError, ValueError) as exc:
             raise self.failed(exc) from None
         return out
+
+    def _frames_of(self, r: httpx.Response, count: int) -> list[bytes]:
+        """The frames of one WADO-RS frames response (a 404: the instance is gone)."""
+        if r.status_code == 404:
+            raise UnreadableSlide("the archive no longer holds this instance")
+        r.raise_for_status()
+        return self._parse_frames(r, count)
 
     async def fetch_async(self, rs: RemoteSeries, inst: RemoteInstance, numbers: list[int]
                           ) -> list[bytes]:
@@ -324,10 +328,7 @@ class DicomwebSource:
                 self.frame_requests += 1
                 r = await client.get(self._frames_url(rs, inst, batch),
                                      headers={"Accept": FRAMES_ACCEPT})
-                if r.status_code == 404:
-                    raise UnreadableSlide("the archive no longer holds this instance")
-                r.raise_for_status()
-                out += self._parse_frames(r, len(batch))
+                out += self._frames_of(r, len(batch))
         except (httpx.HTTPError, ValueError) as exc:
             raise self.failed(exc) from None
         return out
